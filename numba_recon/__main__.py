@@ -1,0 +1,4 @@
+from numba_recon.cli import main
+
+if __name__ == "__main__":
+    main()

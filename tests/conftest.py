@@ -1,0 +1,46 @@
+"""Test configuration.
+
+The CUDA kernels are tested in Numba's CUDA simulator unless ``NUMBA_RECON_TEST_REAL_GPU=1`` asks
+for a real GPU. The simulator must be chosen before numba is imported, which is why it is set here,
+at the top of the first file pytest loads.
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("NUMBA_RECON_TEST_REAL_GPU", "0") != "1":
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture
+def runner():
+    from click.testing import CliRunner
+
+    return CliRunner()
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for subprocess calls of the CLI (simulator on, no GPU needed)."""
+    env = dict(os.environ)
+    env.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    return env
