@@ -14,10 +14,22 @@ from numba_recon.errors import BackendUnavailableError, InputError, OutputError
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print one line on stderr and exit with ``code`` (2 = bad input)."""
+    """Print one line on stderr and exit with ``code`` (2 = bad input).
+
+    Under MPI with several ranks the whole job is aborted with that code, so the other ranks do not
+    wait forever for the one that failed.
+    """
     click.echo(f"numba-recon: error: {message}", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None:
+        try:
+            world = mpi.COMM_WORLD
+            if world.Get_size() > 1:
+                world.Abort(code)
+        except Exception:
+            pass
     raise SystemExit(code)
 
 

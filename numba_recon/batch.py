@@ -1,0 +1,192 @@
+"""The batch stage: gold-standard halves, cross-validation hold-out, minibatches, rank shards, and
+the per-particle data prepared once for the operator.
+
+Minibatches come from one permutation per (seed, epoch, half), identical on every rank; rank ``r``
+of ``s`` takes rows ``r::s`` of each global minibatch. The mathematics therefore does not depend on
+the number of ranks, only the order of floating-point sums does.
+
+For each particle the loader computes, once (then caches while memory allows):
+
+- ``data = H T^{-1} b``: the image moved by ``+origin`` (Fourier phase ramp) and filtered by its CTF
+  ``H = C`` (or ``C^2`` for CTF-premultiplied images, whose model is ``C^2 P x``);
+- ``filters2 = H^2`` on the full FFT grid, what the forward step applies to the projection;
+- ``data_norm2 = ||T^{-1} b||^2`` and ``noise_var``, the image's own noise variance measured
+  outside the particle disc, used to make per-particle losses comparable.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from numba_recon.ctf import ctf_images
+from numba_recon.particles import ParticleSet
+
+log = logging.getLogger(__name__)
+
+
+def assign_halves(particles: ParticleSet, seed: int) -> tuple[np.ndarray, bool]:
+    """Gold-standard half labels (1 or 2) for every particle.
+
+    Uses ``rlnRandomSubset`` when every particle has one; otherwise a seeded random split into two
+    halves of equal size (never even/odd order). Returns ``(labels (n,) int8, from_input)``.
+    """
+    given = np.asarray(particles.half_set)
+    if given.size and np.all((given == 1) | (given == 2)):
+        return given.astype(np.int8), True
+    n = len(particles)
+    labels = np.ones(n, dtype=np.int8)
+    order = np.random.default_rng([seed, 7001]).permutation(n)
+    labels[order[n // 2:]] = 2
+    return labels, False
+
+
+def assign_cross_validation(halves: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Held-out flags: a seeded ``fraction`` of each half, at least one particle when fraction > 0."""
+    cv = np.zeros(halves.shape, dtype=bool)
+    if fraction <= 0:
+        return cv
+    for h in (1, 2):
+        idx = np.flatnonzero(halves == h)
+        k = int(round(fraction * idx.size))
+        if idx.size > 1:
+            k = min(max(k, 1), idx.size - 1)
+        else:
+            k = 0
+        chosen = np.random.default_rng([seed, 7002, h]).choice(idx, size=k, replace=False)
+        cv[chosen] = True
+    return cv
+
+
+def epoch_batches(index: np.ndarray, batch_size: int, seed: int, epoch: int, half: int) -> list[np.ndarray]:
+    """Global minibatches of one half for one epoch: a seeded permutation of ``index`` cut into
+    chunks of ``batch_size`` (the last chunk may be shorter)."""
+    perm = np.asarray(index)[np.random.default_rng([seed, epoch, half]).permutation(len(index))]
+    return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+
+
+def shard(batch: np.ndarray, rank: int, size: int) -> np.ndarray:
+    """The rows of a global minibatch that rank ``rank`` of ``size`` processes."""
+    return batch[rank::size]
+
+
+def shift_phase(box_size: int, shifts_px: np.ndarray) -> np.ndarray:
+    """Fourier phase ramps that move image content by ``+shift``: ``exp(-2 pi i k.s / N)``.
+
+    ``shifts_px (b, 2)`` as ``(x, y)``; returns ``(b, N, N//2+1)`` complex64 in ``rfft2`` layout.
+    """
+    n = box_size
+    ky = np.fft.fftfreq(n) * n
+    kx = np.fft.rfftfreq(n) * n
+    s = np.asarray(shifts_px, dtype=np.float64)
+    phase = -2j * np.pi / n * (kx[None, None, :] * s[:, 0, None, None] + ky[None, :, None] * s[:, 1, None, None])
+    return np.exp(phase).astype(np.complex64)
+
+
+def background_mask(box_size: int, radius_fraction: float = 0.85) -> np.ndarray:
+    """Pixels outside a centred disc of ``radius_fraction * N/2``: where noise is measured."""
+    c = box_size // 2
+    y, x = np.mgrid[:box_size, :box_size]
+    return (x - c) ** 2 + (y - c) ** 2 > (radius_fraction * box_size / 2) ** 2
+
+
+@dataclass
+class PreparedData:
+    """Per-particle arrays for the operator, host side.
+
+    Attributes
+    ----------
+    data
+        ``(b, N, N)`` float32, ``H T^{-1} b``.
+    filters2
+        ``(b, N, N)`` float32, ``H^2`` on the full FFT grid.
+    data_norm2
+        ``(b,)`` float32, ``||T^{-1} b||^2``.
+    noise_var
+        ``(b,)`` float32, per-image noise variance outside the particle disc.
+    rotations
+        ``(b, 3, 3)`` float32.
+    """
+
+    data: np.ndarray
+    filters2: np.ndarray
+    data_norm2: np.ndarray
+    noise_var: np.ndarray
+    rotations: np.ndarray
+
+
+class BatchLoader:
+    """Reads and prepares particles for the operator, caching prepared rows up to ``cache_bytes``.
+
+    Parameters
+    ----------
+    particles
+        The particle set.
+    cache_bytes
+        Memory budget for prepared rows (``2 N^2`` floats each). Beyond it rows are prepared again
+        at every use, so peak memory is bounded by the batch size, not by the data set.
+    """
+
+    def __init__(self, particles: ParticleSet, cache_bytes: int = 1 << 30) -> None:
+        self.particles = particles
+        self.n = len(particles)
+        self.box = particles.box_size
+        per_row = 2 * self.box * self.box * 4 + 16
+        self.cache_rows = min(self.n, max(0, int(cache_bytes // per_row)))
+        self._cache: dict[str, np.ndarray] | None = None
+        self._cached = np.zeros(self.n, dtype=bool)
+        self._bg = background_mask(self.box)
+
+    def _allocate_cache(self) -> None:
+        if self._cache is None and self.cache_rows >= self.n:
+            n, box = self.n, self.box
+            self._cache = {
+                "data": np.empty((n, box, box), np.float32),
+                "filters2": np.empty((n, box, box), np.float32),
+                "data_norm2": np.empty(n, np.float32),
+                "noise_var": np.empty(n, np.float32),
+            }
+
+    def prepare(self, index: np.ndarray) -> PreparedData:
+        """Prepared arrays for the particles at positions ``index`` (in that order)."""
+        index = np.asarray(index, dtype=np.int64)
+        self._allocate_cache()
+        if self._cache is not None:
+            missing = index[~self._cached[index]]
+            if missing.size:
+                fresh = self._compute(np.unique(missing))
+                for key in self._cache:
+                    self._cache[key][np.unique(missing)] = getattr(fresh, key)
+                self._cached[np.unique(missing)] = True
+            c = self._cache
+            return PreparedData(c["data"][index], c["filters2"][index], c["data_norm2"][index],
+                                c["noise_var"][index], self._rotations(index))
+        return self._compute(index)
+
+    def _rotations(self, index: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.particles.rotations[index], dtype=np.float32)
+
+    def _compute(self, index: np.ndarray) -> PreparedData:
+        p = self.particles
+        box = self.box
+        images = p.read_images(index).astype(np.float32, copy=False)
+        ctf_half = ctf_images({k: v[index] for k, v in p.ctf.items()}, box, p.pixel_size_angstrom, half=True)
+        ctf_full = ctf_images({k: v[index] for k, v in p.ctf.items()}, box, p.pixel_size_angstrom, half=False)
+        premult = p.ctf_premultiplied[index]
+        h_half = np.where(premult[:, None, None], ctf_half * ctf_half, ctf_half)
+        h_full = np.where(premult[:, None, None], ctf_full * ctf_full, ctf_full)
+        spectrum = np.fft.rfft2(images) * shift_phase(box, p.shifts_px[index])
+        shifted = np.fft.irfft2(spectrum, s=(box, box))
+        data = np.fft.irfft2(spectrum * h_half, s=(box, box)).astype(np.float32)
+        norm2 = np.einsum("bij,bij->b", shifted, shifted, dtype=np.float64).astype(np.float32)
+        bg = images[:, self._bg]
+        noise_var = bg.var(axis=1, dtype=np.float64).astype(np.float32)
+        noise_var = np.maximum(noise_var, np.float32(1e-12))
+        return PreparedData(data=np.ascontiguousarray(data), filters2=np.ascontiguousarray(h_full * h_full, np.float32),
+                            data_norm2=norm2, noise_var=noise_var, rotations=self._rotations(index))
+
+    def describe(self) -> dict[str, Any]:
+        return {"particles": self.n, "box": self.box, "cached": self._cache is not None}

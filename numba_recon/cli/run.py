@@ -1,0 +1,144 @@
+"""Reconstruct gold-standard half maps from particles with known poses.
+
+\b
+Examples:
+  numba-recon run particles.star -o recon
+  mpirun -n 4 numba-recon run particles.star -o recon --backend cuda
+  numba-recon run particles.thu --angpix 1.34 -o recon --loss trimmed --keep-fraction 0.5:0.8
+  numba-recon run --resume recon            # continue after a crash or with more --epochs
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from numba_recon.cli._common import handle_errors, prepare_output_dir
+from numba_recon.errors import InputError, OutputError
+
+log = logging.getLogger(__name__)
+
+
+def parse_keep_fraction(value: str) -> tuple[float, float]:
+    """``"0.5:0.8"`` -> (0.5, 0.8); ``"0.7"`` -> (0.7, 0.7)."""
+    try:
+        parts = [float(p) for p in value.split(":")]
+    except ValueError:
+        raise InputError(f"--keep-fraction {value!r} is not a number or START:END", None,
+                         "e.g. --keep-fraction 0.5:0.8") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise InputError(f"--keep-fraction {value!r} has {len(parts)} parts", None, "give START:END, e.g. 0.5:0.8")
+    for p in parts:
+        if not 0 < p <= 1:
+            raise InputError(f"--keep-fraction {value!r} is outside (0, 1]", None, "e.g. --keep-fraction 0.5:0.8")
+    return parts[0], parts[1]
+
+
+@click.command("run", help=__doc__)
+@click.argument("particles", required=False, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=True), help="Output folder.")
+@click.option("--epochs", type=int, default=20, show_default=True, help="Passes over each half set.")
+@click.option("--batch-size", type=int, default=256, show_default=True,
+              help="Particles per half per optimiser step, summed over all MPI ranks.")
+@click.option("--lr", type=float, default=0.05, show_default=True, help="Adam step size relative to the map scale.")
+@click.option("--reg-lambda", type=float, default=0.01, show_default=True,
+              help="lambda of the regulariser n*lambda^2*||x||^2.")
+@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds half split, hold-out and batch order.")
+@click.option("--angpix", type=float, default=None, help="Pixel size in Angstrom (needed for .thu input).")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Folder that stack paths in the STAR file are relative to (default: the STAR file's folder).")
+@click.option("--class", "class_number", type=int, default=None, help="Use only particles of this rlnClassNumber.")
+@click.option("--cv-fraction", type=float, default=0.05, show_default=True,
+              help="Fraction of each half held out for the cross-validation loss.")
+@click.option("--checkpoint-every", type=int, default=1, show_default=True, help="Checkpoint every N epochs.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Continue the run in this folder from its newest checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace the results in an existing output folder.")
+@click.option("--initial-map", type=click.Path(dir_okay=False), default=None, help="Start both halves from this map.")
+@click.option("--loss", type=click.Choice(["l2", "trimmed", "sorted", "reweighted"]), default="l2", show_default=True,
+              help="Per-particle loss: plain least squares, trimmed (sorted) or iteratively reweighted.")
+@click.option("--keep-fraction", default="0.5:0.8", show_default=True,
+              help="Trimmed loss: kept fraction START:END, moving linearly over the robust epochs.")
+@click.option("--robust-warmup", type=int, default=2, show_default=True,
+              help="Epochs of plain L2 before a robust loss starts.")
+@click.option("--reweight-power", type=float, default=1.0, show_default=True,
+              help="Reweighted loss: weights ~ 1/(loss + eps)^p.")
+@click.option("--sym", "symmetry", default="C1", show_default=True, help="Point group: C1, Cn, Dn, T, O, I1-I4.")
+@click.option("--mask", type=click.Path(dir_okay=False), default=None,
+              help="Mask for post-processing at the end of the run (masked FSC, sharpening).")
+@click.option("--radius", "radius_px", type=float, default=None, help="Map support radius in pixels (default N/2-1).")
+@click.option("--cache-mb", type=float, default=2048, show_default=True,
+              help="Memory for prepared particles; beyond it particles are re-read every epoch.")
+@click.pass_context
+@handle_errors
+def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_dir: str | None, overwrite: bool,
+        keep_fraction: str, **options) -> None:
+    from numba_recon.config import RunConfig
+    from numba_recon.reduce import get_comm
+
+    comm = get_comm()
+    resume = resume_dir is not None
+    if resume:
+        config = _config_from_checkpoint(resume_dir, ctx, options, particles)
+    else:
+        if particles is None:
+            raise InputError("no particle file given", None, "usage: numba-recon run PARTICLES.star -o OUTDIR")
+        if out_dir is None:
+            raise InputError("no output folder given", None, "add -o OUTDIR")
+        keep_start, keep_end = parse_keep_fraction(keep_fraction)
+        config = RunConfig(particles=str(particles), out_dir=str(out_dir), keep_start=keep_start, keep_end=keep_end,
+                           **options)
+        if not Path(particles).is_file():
+            raise InputError("file not found", particles, "check the path")
+        if comm.is_root:
+            _clear_outputs(prepare_output_dir(out_dir, overwrite))
+        comm.barrier()
+    verbosity = (ctx.find_root().obj or {}).get("verbosity", 0)
+    from numba_recon.engine import run as run_engine
+
+    summary = run_engine(config, resume=resume, progress=verbosity >= 0, comm=comm)
+    if comm.is_root:
+        out = Path(config.out_dir)
+        (out / "NUMBA_RECON_JOB_EXIT_SUCCESS").touch()
+        click.echo(f"Resolution (half maps, FSC 0.143): {summary['resolution_angstrom']:.2f} A")
+        click.echo(f"Maps: {out / 'run_class001.mrc'}, {out / 'run_half1_class001_unfil.mrc'}, "
+                   f"{out / 'run_half2_class001_unfil.mrc'}")
+        click.echo(f"Report: {out / 'report.html'}")
+
+
+def _clear_outputs(out: Path) -> None:
+    """With --overwrite: remove a previous run's checkpoints so it cannot be resumed by mistake."""
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir():
+        for f in ckpts.iterdir():
+            f.unlink()
+    for marker in ("NUMBA_RECON_JOB_EXIT_SUCCESS", "NUMBA_RECON_JOB_EXIT_FAILURE"):
+        (out / marker).unlink(missing_ok=True)
+
+
+def _config_from_checkpoint(resume_dir: str, ctx: click.Context, options: dict, particles: str | None):
+    """The stored configuration of a run, with --epochs (and the number of ranks) allowed to change."""
+    from numba_recon.checkpoint import load_latest
+    from numba_recon.config import RunConfig
+
+    out = Path(resume_dir)
+    if not out.is_dir():
+        raise OutputError("no such run folder", out, "give the -o folder of an earlier run")
+    ckpt = load_latest(out)
+    if ckpt is None:
+        raise OutputError("no usable checkpoint in this folder", out, "start a new run with -o and --overwrite")
+    data = dict(ckpt.config)
+    data["out_dir"] = str(out)
+    src = ctx.get_parameter_source("epochs")
+    if src is not None and src.name == "COMMANDLINE":
+        data["epochs"] = options["epochs"]
+    if particles is not None and Path(particles).resolve() != Path(data["particles"]).resolve():
+        raise InputError("the particle file differs from the one the run started with", particles,
+                         f"resume with {data['particles']} (or omit the file)")
+    (out / "NUMBA_RECON_JOB_EXIT_SUCCESS").unlink(missing_ok=True)
+    return RunConfig.from_dict(data)

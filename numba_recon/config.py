@@ -1,0 +1,124 @@
+"""The run configuration: one frozen, validated dataclass built by the CLI and stamped into every
+checkpoint and ``summary.json``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from numba_recon.errors import InputError
+from numba_recon.loss import canonical_loss
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a reconstruction.
+
+    Attributes
+    ----------
+    particles
+        Input ``.star`` or ``.thu`` file.
+    out_dir
+        Output folder.
+    epochs
+        Passes over each half set.
+    batch_size
+        Global minibatch size per half (summed over ranks).
+    lr
+        Adam step size relative to the scale of the map (see ``docs/reconstruction.md``).
+    reg_lambda
+        ``lambda`` of the regulariser ``n lambda^2 ||x||^2`` (n = training particles of the half),
+        relative to the data scale.
+    backend
+        ``cpu``, ``cuda`` or ``auto``.
+    seed
+        Seeds the half split (when the input has none), the cross-validation hold-out and the
+        minibatch order.
+    angpix, root, class_number
+        Input options (see ``numba-recon run --help``).
+    cv_fraction
+        Fraction of each half held out for the cross-validation loss.
+    checkpoint_every
+        Write a checkpoint every this many epochs (and always at the end).
+    initial_map
+        Optional MRC to start both halves from.
+    loss, keep_start, keep_end, robust_warmup, reweight_power
+        Robust loss settings (see :mod:`numba_recon.loss`).
+    symmetry
+        Point group (``C1``, ``Cn``, ``Dn``, ``T``, ``O``, ``I1``..``I4``).
+    mask
+        Optional mask for post-processing at the end of the run.
+    radius_px
+        Support radius of the map in pixels (None: ``N // 2 - 1``).
+    cache_mb
+        Memory for prepared particles; beyond it they are prepared again at every use.
+    """
+
+    particles: str
+    out_dir: str
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 0.05
+    reg_lambda: float = 0.01
+    backend: str = "auto"
+    seed: int = 0
+    angpix: float | None = None
+    root: str | None = None
+    class_number: int | None = None
+    cv_fraction: float = 0.05
+    checkpoint_every: int = 1
+    initial_map: str | None = None
+    loss: str = "l2"
+    keep_start: float = 0.5
+    keep_end: float = 0.8
+    robust_warmup: int = 2
+    reweight_power: float = 1.0
+    symmetry: str = "C1"
+    mask: str | None = None
+    radius_px: float | None = None
+    cache_mb: float = 2048.0
+
+    def __post_init__(self) -> None:
+        def bad(option: str, problem: str, fix: str) -> InputError:
+            return InputError(f"{option} {problem}", None, fix)
+
+        if self.epochs <= 0:
+            raise bad("--epochs", f"must be positive (got {self.epochs})", "give at least 1")
+        if self.batch_size <= 0:
+            raise bad("--batch-size", f"must be positive (got {self.batch_size})", "give at least 1")
+        if not self.lr > 0:
+            raise bad("--lr", f"must be positive (got {self.lr})", "the default 0.05 suits most data")
+        if self.reg_lambda < 0:
+            raise bad("--reg-lambda", f"must be >= 0 (got {self.reg_lambda})", "use 0 for no regulariser")
+        if not 0 <= self.cv_fraction < 0.5:
+            raise bad("--cv-fraction", f"must be in [0, 0.5) (got {self.cv_fraction})", "the default is 0.05")
+        if self.checkpoint_every <= 0:
+            raise bad("--checkpoint-every", f"must be positive (got {self.checkpoint_every})", "give at least 1")
+        for name, v in (("start", self.keep_start), ("end", self.keep_end)):
+            if not 0 < v <= 1:
+                raise bad("--keep-fraction", f"{name} must be in (0, 1] (got {v})", "e.g. --keep-fraction 0.5:0.8")
+        if self.robust_warmup < 0:
+            raise bad("--robust-warmup", f"must be >= 0 (got {self.robust_warmup})", "e.g. 2")
+        if self.reweight_power <= 0:
+            raise bad("--reweight-power", f"must be positive (got {self.reweight_power})", "e.g. 0.5 or 1")
+        if self.radius_px is not None and self.radius_px <= 0:
+            raise bad("--radius", f"must be positive (got {self.radius_px})", "omit it for N//2 - 1")
+        if self.cache_mb < 0:
+            raise bad("--cache-mb", f"must be >= 0 (got {self.cache_mb})", "use 0 to disable caching")
+        if self.angpix is not None and not self.angpix > 0:
+            raise bad("--angpix", f"must be positive (got {self.angpix})", "give the pixel size in Angstrom")
+        try:
+            object.__setattr__(self, "loss", canonical_loss(self.loss))
+        except ValueError as err:
+            raise bad("--loss", str(err), "choose l2, trimmed or reweighted") from None
+        from numba_recon.symmetry import symmetry_operators
+
+        symmetry_operators(self.symmetry)  # raises InputError for an unknown group
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

@@ -1,0 +1,528 @@
+"""The reconstruction engine: the only code that knows the order of the stages.
+
+read -> batch -> forward -> loss -> adjoint -> reduce -> step -> checkpoint -> evaluate -> report
+
+Each half set ``h`` minimises ``sum_i w_i l_i + n_h lambda^2 ||x_h||^2`` by minibatch Adam. The
+minibatch gradient is scaled by ``n_h / sum_batch w_i`` so that it estimates the gradient over the
+whole (training part of the) half set, and the regulariser is scaled with ``n_h``, as in
+``docs/reconstruction.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from numba_recon import __version__
+from numba_recon.batch import BatchLoader, assign_cross_validation, assign_halves, epoch_batches, shard
+from numba_recon.checkpoint import Checkpoint, atomic_write_text, load_latest, save_checkpoint
+from numba_recon.config import RunConfig
+from numba_recon.errors import InputError, InputFileError
+from numba_recon.loss import (
+    RobustSchedule,
+    particle_scores,
+    reweight_reference,
+    reweighted_weights,
+    trimmed_weights,
+)
+from numba_recon.reduce import Comm, describe_mpi, get_comm, select_device
+from numba_recon.step import AdamState, adam_step
+
+log = logging.getLogger(__name__)
+
+RUN_PREFIX = "run"
+
+
+@dataclass
+class EpochStats:
+    """Figures of one epoch, one row of ``history.csv``."""
+
+    epoch: int
+    train_loss: float
+    cv_loss: float
+    resolution_angstrom: float
+    resolution_05_angstrom: float
+    kept_fraction: float
+    seconds: float
+    images_per_second: float
+
+
+@dataclass
+class RunState:
+    """Mutable state of a run (what a checkpoint restores)."""
+
+    epoch: int
+    step: int
+    volumes: np.ndarray
+    adam: AdamState
+    lr_abs: np.ndarray
+    halves: np.ndarray
+    cv: np.ndarray
+    scores_prev: np.ndarray
+    history: list[dict[str, Any]] = field(default_factory=list)
+    data_scale: float = 1.0
+
+
+def _provenance() -> dict[str, Any]:
+    import numba
+
+    return {
+        "version": __version__,
+        "argv": list(sys.argv),
+        "python": platform.python_version(),
+        "numba": numba.__version__,
+        "numpy": np.__version__,
+        "host": platform.node(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class Reconstruction:
+    """One reconstruction job on one rank. Build it, then call :meth:`run`.
+
+    Parameters
+    ----------
+    config
+        The validated configuration.
+    comm
+        The communicator (serial stand-in with one process).
+    progress
+        Show a progress bar on rank 0 (automatically off when stderr is not a terminal).
+    resume
+        Continue from the newest good checkpoint in ``config.out_dir``.
+    """
+
+    def __init__(self, config: RunConfig, comm: Comm | None = None, progress: bool = True,
+                 resume: bool = False) -> None:
+        from numba_recon.backend import get_backend
+        from numba_recon.read import read_particles
+
+        self.config = config
+        self.comm = comm or get_comm()
+        self.progress = progress
+        self.out = Path(config.out_dir)
+        self.device_index = select_device(self.comm) if config.backend in ("cuda", "auto") else None
+        self.backend = get_backend(config.backend)
+        self.particles = read_particles(config.particles, angpix=config.angpix, root=config.root,
+                                        class_number=config.class_number, seed=config.seed)
+        if len(self.particles) < 4:
+            raise InputFileError(f"only {len(self.particles)} particles", config.particles,
+                                 "a reconstruction needs at least 4 particles (2 per half set)")
+        self.box = int(self.particles.box_size)
+        self.angpix = float(self.particles.pixel_size_angstrom)
+        self.radius = float(config.radius_px if config.radius_px is not None else self.box // 2 - 1)
+        self.loader = BatchLoader(self.particles, cache_bytes=int(config.cache_mb * 2**20))
+        self.schedule = RobustSchedule(loss=config.loss, keep_start=config.keep_start, keep_end=config.keep_end,
+                                       warmup_epochs=config.robust_warmup, power=config.reweight_power,
+                                       epochs=config.epochs)
+        from numba_recon.symmetry import symmetry_operators
+
+        self.sym_ops = symmetry_operators(config.symmetry)
+        self.state = self._restore() if resume else None
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ setup
+    def _restore(self) -> RunState | None:
+        ckpt = load_latest(self.out) if self.comm.is_root else None
+        ckpt = self.comm.bcast(ckpt)
+        if ckpt is None:
+            return None
+        if ckpt.volumes.shape[1:] != (self.box,) * 3:
+            raise InputFileError("checkpoint box size does not match the particles", self.out / "checkpoints",
+                                 "resume with the same particles, or start a new run with --overwrite")
+        if ckpt.state.get("n_ranks") not in (None, self.comm.size):
+            log.warning("resuming with %d ranks (checkpoint written with %s): results will equal an "
+                        "uninterrupted run only to floating-point summation order",
+                        self.comm.size, ckpt.state.get("n_ranks"))
+        log.info("resuming from epoch %d (step %d)", ckpt.epoch, ckpt.step)
+        return RunState(epoch=ckpt.epoch, step=ckpt.step, volumes=ckpt.volumes.astype(np.float32),
+                        adam=AdamState(ckpt.adam_m.astype(np.float32), ckpt.adam_v.astype(np.float32), ckpt.adam_t),
+                        lr_abs=np.asarray(ckpt.state["lr_abs"], np.float64),
+                        halves=ckpt.arrays["half_set"].astype(np.int8), cv=ckpt.arrays["cv"].astype(bool),
+                        scores_prev=ckpt.arrays["scores_prev"].astype(np.float64),
+                        history=list(ckpt.state.get("history", [])),
+                        data_scale=float(ckpt.state.get("data_scale", 1.0)))
+
+    def _support_mask(self) -> np.ndarray:
+        c = self.box // 2
+        z, y, x = np.ogrid[:self.box, :self.box, :self.box]
+        return ((x - c) ** 2 + (y - c) ** 2 + (z - c) ** 2) <= self.radius**2
+
+    def _initial_state(self) -> RunState:
+        cfg = self.config
+        halves, from_input = assign_halves(self.particles, cfg.seed)
+        if not from_input:
+            log.info("no rlnRandomSubset in the input: split into random halves (seed %d)", cfg.seed)
+        cv = assign_cross_validation(halves, cfg.cv_fraction, cfg.seed)
+        volumes = np.zeros((2, self.box, self.box, self.box), np.float32)
+        support = self._support_mask()
+        lr_abs = np.zeros(2)
+        scales = []
+        for h in (0, 1):
+            train = np.flatnonzero((halves == h + 1) & ~cv)
+            if train.size == 0:
+                raise InputFileError(f"half set {h + 1} has no training particles", cfg.particles,
+                                     "check rlnRandomSubset (values 1 and 2) or lower --cv-fraction")
+            first = epoch_batches(train, cfg.batch_size, cfg.seed, -1, h + 1)[0]
+            step_map = self._steepest_descent_map(first)
+            scales.append(float(np.sqrt(np.mean(step_map[support] ** 2))) or 1.0)
+            volumes[h] = step_map
+        if cfg.initial_map:
+            from numba_recon.io.mrc import read_volume
+
+            init, _ = read_volume(cfg.initial_map)
+            if init.shape != volumes.shape[1:]:
+                raise InputFileError(f"initial map has shape {init.shape}, the particles need a box of {self.box}",
+                                     cfg.initial_map, "resample the map to the particle box size")
+            volumes[:] = np.where(support, init, 0.0)[None]
+        lr_abs[:] = cfg.lr * np.asarray(scales)
+        data_scale = float(np.mean(scales))
+        return RunState(epoch=0, step=0, volumes=volumes, adam=AdamState.zeros(volumes.shape), lr_abs=lr_abs,
+                        halves=halves, cv=cv, scores_prev=np.full(len(self.particles), np.nan), history=[],
+                        data_scale=data_scale)
+
+    def _steepest_descent_map(self, batch: np.ndarray) -> np.ndarray:
+        """The exact line-search step from a blank map along the negative gradient of one batch.
+
+        It fixes the scale of the map (data units differ between data sets), gives Adam a smooth
+        start, and sets the learning rate's unit. Computed identically on every rank count.
+        """
+        be = self.backend
+        local = shard(batch, self.comm.rank, self.comm.size)
+        n = self.box
+        grad = be.zeros((n, n, n))
+        if local.size:
+            prep = self.loader.prepare(local)
+            rot = be.to_device(prep.rotations)
+            be.weighted_backproject(be.to_device(-prep.data), rot, be.to_device(np.ones(local.size, np.float32)),
+                                    self.radius, grad)
+        g = be.to_host(grad).astype(np.float32)
+        self.comm.allreduce_sum_(g)
+        energy = 0.0
+        if local.size:
+            b = local.size
+            resid = be.zeros((b, n, n))
+            losses = be.zeros((b,))
+            be.forward_residual(be.to_device(g), rot, be.to_device(prep.filters2), be.zeros((b, n, n)),
+                                be.zeros((b,)), self.radius, resid, losses)
+            energy = float(np.sum(be.to_host(losses), dtype=np.float64))
+        energy = self.comm.allreduce_scalar(energy)
+        gg = float(np.dot(g.ravel().astype(np.float64), g.ravel()))
+        if energy <= 0 or gg <= 0:
+            return np.zeros_like(g)
+        alpha = gg / (2.0 * energy)
+        return (-alpha * g).astype(np.float32)
+
+    # ------------------------------------------------------------------ one epoch
+    def _weights(self, scores_global: np.ndarray, half_index: np.ndarray, epoch: int) -> tuple[np.ndarray, float]:
+        """Robust weights for a global minibatch (identical on every rank) and the kept fraction."""
+        sch = self.schedule
+        if not sch.active(epoch):
+            return np.ones(scores_global.size), 1.0
+        if sch.loss == "trimmed":
+            q = sch.keep_fraction(epoch)
+            return trimmed_weights(scores_global, q), q
+        ref, scale = self._reweight_ref[int(half_index)]
+        return reweighted_weights(scores_global, ref, scale, sch.power), 1.0
+
+    def _loss_and_gradient(self, local: np.ndarray, volume_dev: Any, grad_dev: Any,
+                           weights_fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Forward, loss and adjoint for one rank's shard of a global minibatch.
+
+        ``weights_fn(local_scores) -> local_weights`` sees the scores and returns the weights (it
+        gathers across ranks when the robust loss needs global ranking). Returns the shard's losses,
+        scores and noise-normalised losses ``l_i / (N^2 sigma_i^2)``.
+        """
+        be = self.backend
+        b = local.size
+        n = self.box
+        if b == 0:
+            weights_fn(np.zeros(0))
+            return np.zeros(0), np.zeros(0), np.zeros(0)
+        prep = self.loader.prepare(local)
+        rot = be.to_device(prep.rotations)
+        resid = be.zeros((b, n, n))
+        losses_dev = be.zeros((b,))
+        be.forward_residual(volume_dev, rot, be.to_device(prep.filters2), be.to_device(prep.data),
+                            be.to_device(prep.data_norm2), self.radius, resid, losses_dev)
+        losses = be.to_host(losses_dev).astype(np.float64)
+        scores = particle_scores(losses, prep.data_norm2, prep.noise_var, n)
+        w = weights_fn(scores)
+        be.weighted_backproject(resid, rot, be.to_device(np.asarray(w, np.float32)), self.radius, grad_dev)
+        return losses, scores, losses / (n * n * prep.noise_var.astype(np.float64))
+
+    def _global_weights(self, global_batch: np.ndarray, local: np.ndarray, local_scores: np.ndarray,
+                        half: int, epoch: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Gather the scores of a global minibatch, compute its weights, return this rank's part."""
+        if self.schedule.active(epoch):
+            parts = self.comm.allgather(local_scores)
+            size = self.comm.size
+            scores_global = np.empty(global_batch.size)
+            for r, part in enumerate(parts):
+                scores_global[r::size] = part
+            w_global, q = self._weights(scores_global, np.array(half), epoch)
+            return w_global[self.comm.rank::size], w_global, q
+        return np.ones(local.size), np.ones(global_batch.size), 1.0
+
+    def _evaluate_losses(self, index: np.ndarray, volume_dev: Any) -> tuple[float, int]:
+        """Sum of normalised losses ``l_i / (N^2 sigma_i^2)`` over the particles ``index`` (all ranks)."""
+        be = self.backend
+        local = shard(index, self.comm.rank, self.comm.size)
+        n = self.box
+        total = 0.0
+        for start in range(0, local.size, self.config.batch_size):
+            part = local[start:start + self.config.batch_size]
+            prep = self.loader.prepare(part)
+            b = part.size
+            resid = be.zeros((b, n, n))
+            losses = be.zeros((b,))
+            be.forward_residual(volume_dev, be.to_device(prep.rotations), be.to_device(prep.filters2),
+                                be.to_device(prep.data), be.to_device(prep.data_norm2), self.radius, resid, losses)
+            total += float(np.sum(be.to_host(losses) / (n * n * prep.noise_var.astype(np.float64))))
+        return self.comm.allreduce_scalar(total), int(index.size)
+
+    def _symmetrize(self, grads: np.ndarray) -> None:
+        if len(self.sym_ops) > 1:
+            from numba_recon.symmetry import symmetrize_volume
+
+            for h in (0, 1):
+                grads[h] = symmetrize_volume(grads[h], self.sym_ops)
+
+    def _run_epoch(self, st: RunState, epoch: int) -> EpochStats:
+        cfg = self.config
+        be = self.backend
+        n = self.box
+        t0 = time.perf_counter()
+        train = [np.flatnonzero((st.halves == h + 1) & ~st.cv) for h in (0, 1)]
+        batches = [epoch_batches(train[h], cfg.batch_size, cfg.seed, epoch, h + 1) for h in (0, 1)]
+        n_steps = max(len(batches[0]), len(batches[1]))
+        scores_epoch = np.full(len(self.particles), np.nan)
+        loss_sum = 0.0
+        kept = []
+        if self.schedule.loss == "reweighted" and self.schedule.active(epoch):
+            self._reweight_ref = {}
+            for h in (0, 1):
+                prev = st.scores_prev[train[h]]
+                prev = prev[np.isfinite(prev)]
+                self._reweight_ref[h] = reweight_reference(prev)
+        bar = self._progress_bar(n_steps, epoch)
+        processed = 0
+        for k in range(n_steps):
+            grads = be.zeros(st.volumes.shape)
+            weight_sums = np.zeros(2)
+            for h in (0, 1):
+                if k >= len(batches[h]):
+                    continue
+                gb = batches[h][k]
+                local = shard(gb, self.comm.rank, self.comm.size)
+                holder: dict[str, Any] = {}
+
+                def weights_fn(local_scores, gb=gb, local=local, h=h, holder=holder):
+                    w_local, w_global, q = self._global_weights(gb, local, local_scores, h, epoch)
+                    holder["w_global"] = w_global
+                    holder["q"] = q
+                    return w_local
+
+                _, scores, normalised = self._loss_and_gradient(local, self._volume_dev[h], grads[h], weights_fn)
+                scores_epoch[local] = scores
+                loss_sum += float(np.sum(normalised))
+                weight_sums[h] = float(np.sum(holder["w_global"]))
+                kept.append(holder["q"])
+                processed += gb.size
+            # reduce: both half maps' gradients in one Allreduce
+            self.comm.allreduce_sum_(grads)
+            g = np.array(be.to_host(grads), dtype=np.float32)
+            for h in (0, 1):
+                if weight_sums[h] > 0:
+                    n_h = float(train[h].size)
+                    g[h] *= np.float32(n_h / weight_sums[h])
+                    # gradient of the regulariser n_h lambda^2 ||x||^2
+                    g[h] += np.float32(2.0 * n_h * cfg.reg_lambda**2) * st.volumes[h]
+                else:
+                    g[h] = 0.0
+            self._symmetrize(g)
+            adam_step(st.volumes, g, st.adam, st.lr_abs)
+            st.step += 1
+            self._volume_dev = [be.to_device(st.volumes[0]), be.to_device(st.volumes[1])]
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        # scores from all ranks (each rank filled its own shard)
+        if self.comm.size > 1:
+            parts = self.comm.allgather(scores_epoch)
+            for part in parts:
+                ok = np.isfinite(part)
+                scores_epoch[ok] = part[ok]
+        st.scores_prev = scores_epoch
+        total_loss = self.comm.allreduce_scalar(loss_sum)
+        n_train = sum(t.size for t in train)
+        cv_losses = []
+        for h in (0, 1):
+            idx = np.flatnonzero((st.halves == h + 1) & st.cv)
+            if idx.size:
+                s, c = self._evaluate_losses(idx, self._volume_dev[h])
+                cv_losses.append((s, c))
+        cv_loss = (sum(s for s, _ in cv_losses) / max(1, sum(c for _, c in cv_losses))) if cv_losses else float("nan")
+        from numba_recon.evaluate.fsc import fsc, resolution_at
+
+        curve = fsc(st.volumes[0], st.volumes[1])
+        res = resolution_at(curve, n, self.angpix, 0.143)
+        res05 = resolution_at(curve, n, self.angpix, 0.5)
+        seconds = time.perf_counter() - t0
+        self._last_fsc = curve
+        return EpochStats(epoch=epoch + 1, train_loss=total_loss / max(1, n_train), cv_loss=cv_loss,
+                          resolution_angstrom=res, resolution_05_angstrom=res05,
+                          kept_fraction=float(np.mean(kept)) if kept else 1.0, seconds=seconds,
+                          images_per_second=n_train / seconds if seconds > 0 else float("nan"))
+
+    def _progress_bar(self, total: int, epoch: int):
+        if not (self.progress and self.comm.is_root):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="step", leave=False,
+                    disable=None, file=sys.stderr)
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> dict[str, Any]:
+        """Run the remaining epochs, checkpointing, then write the outputs (rank 0). Returns the summary."""
+        cfg = self.config
+        t_start = time.perf_counter()
+        st = self.state
+        if st is None:
+            t0 = time.perf_counter()
+            st = self._initial_state()
+            self.timings["initialise_s"] = time.perf_counter() - t0
+            if self.comm.is_root:
+                self._write_split(st)
+        self.state = st
+        be = self.backend
+        self._volume_dev = [be.to_device(st.volumes[0]), be.to_device(st.volumes[1])]
+        self._last_fsc = None
+        log.info("%d particles (half 1: %d, half 2: %d; %d held out), box %d, %.3f A/px, backend %s, %d rank(s)",
+                 len(self.particles), int(np.sum(st.halves == 1)), int(np.sum(st.halves == 2)), int(st.cv.sum()),
+                 self.box, self.angpix, be.name, self.comm.size)
+        for epoch in range(st.epoch, cfg.epochs):
+            self._fault("epoch", epoch)
+            stats = self._run_epoch(st, epoch)
+            st.epoch = epoch + 1
+            row = stats.__dict__.copy()
+            st.history.append(row)
+            if self.comm.is_root:
+                log.info("epoch %d/%d  train %.5f  cv %.5f  resolution %.2f A (FSC 0.5: %.2f A)  kept %.2f  %.1f s",
+                         stats.epoch, cfg.epochs, stats.train_loss, stats.cv_loss, stats.resolution_angstrom,
+                         stats.resolution_05_angstrom, stats.kept_fraction, stats.seconds)
+                self._write_history(st.history)
+                if st.epoch % cfg.checkpoint_every == 0 or st.epoch == cfg.epochs:
+                    self._checkpoint(st)
+            self.comm.barrier()
+        self.timings["epochs_s"] = time.perf_counter() - t_start
+        summary = self._finish(st)
+        return summary
+
+    def _fault(self, where: str, epoch: int) -> None:
+        """Fault injection for tests: ``NUMBA_RECON_FAULT=kill:epoch=E[:rank=R]`` SIGKILLs that rank."""
+        spec = os.environ.get("NUMBA_RECON_FAULT", "")
+        if not spec.startswith("kill:"):
+            return
+        parts = dict(p.split("=", 1) for p in spec[5:].split(":") if "=" in p)
+        if int(parts.get("epoch", -1)) == epoch and int(parts.get("rank", self.comm.rank)) == self.comm.rank:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _checkpoint(self, st: RunState) -> None:
+        ckpt = Checkpoint(
+            epoch=st.epoch, step=st.step, volumes=st.volumes, adam_m=st.adam.m, adam_v=st.adam.v, adam_t=st.adam.t,
+            arrays={"half_set": st.halves, "cv": st.cv, "scores_prev": st.scores_prev},
+            config=self.config.to_dict(),
+            state={"lr_abs": [float(v) for v in st.lr_abs], "history": st.history, "n_ranks": self.comm.size,
+                   "data_scale": st.data_scale, "provenance": _provenance(), "seed": self.config.seed},
+        )
+        save_checkpoint(self.out, ckpt)
+
+    def _write_history(self, history: list[dict[str, Any]]) -> None:
+        if not history:
+            return
+        keys = list(history[0].keys())
+        lines = [",".join(keys)] + [",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])
+                                             for k in keys) for row in history]
+        atomic_write_text(self.out / "history.csv", "\n".join(lines) + "\n")
+
+    def _write_split(self, st: RunState) -> None:
+        """Write the half split and hold-out back out, so a seeded random split is on record."""
+        lines = ["particle,half_set,cross_validation"] + [f"{i},{h},{int(c)}" for i, (h, c) in
+                                                          enumerate(zip(st.halves, st.cv))]
+        atomic_write_text(self.out / "half_sets.csv", "\n".join(lines) + "\n")
+
+    # ------------------------------------------------------------------ outputs
+    def _final_scores(self, st: RunState) -> tuple[np.ndarray, np.ndarray]:
+        """Per-particle final losses and scores against the final half maps (all particles)."""
+        be = self.backend
+        n = self.box
+        losses = np.full(len(self.particles), np.nan)
+        scores = np.full(len(self.particles), np.nan)
+        for h in (0, 1):
+            idx = np.flatnonzero(st.halves == h + 1)
+            local = shard(idx, self.comm.rank, self.comm.size)
+            vol = self._volume_dev[h]
+            for start in range(0, local.size, self.config.batch_size):
+                part = local[start:start + self.config.batch_size]
+                prep = self.loader.prepare(part)
+                b = part.size
+                resid = be.zeros((b, n, n))
+                ldev = be.zeros((b,))
+                be.forward_residual(vol, be.to_device(prep.rotations), be.to_device(prep.filters2),
+                                    be.to_device(prep.data), be.to_device(prep.data_norm2), self.radius, resid, ldev)
+                lh = be.to_host(ldev).astype(np.float64)
+                losses[part] = lh
+                scores[part] = particle_scores(lh, prep.data_norm2, prep.noise_var, n)
+        if self.comm.size > 1:
+            for arr in (losses, scores):
+                for part in self.comm.allgather(arr):
+                    ok = np.isfinite(part)
+                    arr[ok] = part[ok]
+        return losses, scores
+
+    def _finish(self, st: RunState) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        losses, scores = self._final_scores(st)
+        summary: dict[str, Any] = {}
+        if self.comm.is_root:
+            from numba_recon.report import write_run_outputs
+
+            summary = write_run_outputs(self, st, losses, scores)
+        self.timings["outputs_s"] = time.perf_counter() - t0
+        self.comm.barrier()
+        return self.comm.bcast(summary)
+
+
+def run(config: RunConfig, *, resume: bool = False, progress: bool = True, comm: Comm | None = None) -> dict[str, Any]:
+    """Run a reconstruction (all ranks call this). Returns ``summary.json``'s content."""
+    job = Reconstruction(config, comm=comm, progress=progress, resume=resume)
+    return job.run()
+
+
+def describe_environment(backend_name: str) -> dict[str, Any]:
+    info = _provenance()
+    info["mpi"] = describe_mpi()
+    info["backend"] = backend_name
+    info["numba_threads"] = int(os.environ.get("NUMBA_NUM_THREADS", "0")) or None
+    return info
+
+
+def summary_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+__all__ = ["Reconstruction", "run", "RunConfig", "InputError"]
