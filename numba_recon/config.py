@@ -58,7 +58,7 @@ class RunConfig:
     out_dir: str
     epochs: int = 20
     batch_size: int = 256
-    lr: float = 0.05
+    lr: float = 0.2
     reg_lambda: float = 0.01
     backend: str = "auto"
     seed: int = 0
@@ -87,7 +87,7 @@ class RunConfig:
         if self.batch_size <= 0:
             raise bad("--batch-size", f"must be positive (got {self.batch_size})", "give at least 1")
         if not self.lr > 0:
-            raise bad("--lr", f"must be positive (got {self.lr})", "the default 0.05 suits most data")
+            raise bad("--lr", f"must be positive (got {self.lr})", "the default 0.2 suits most data")
         if self.reg_lambda < 0:
             raise bad("--reg-lambda", f"must be >= 0 (got {self.reg_lambda})", "use 0 for no regulariser")
         if not 0 <= self.cv_fraction < 0.5:

@@ -172,7 +172,7 @@ class Reconstruction:
             if train.size == 0:
                 raise InputFileError(f"half set {h + 1} has no training particles", cfg.particles,
                                      "check rlnRandomSubset (values 1 and 2) or lower --cv-fraction")
-            first = epoch_batches(train, cfg.batch_size, cfg.seed, -1, h + 1)[0]
+            first = epoch_batches(train, cfg.batch_size, cfg.seed, 1_000_000, h + 1)[0]  # its own stream
             step_map = self._steepest_descent_map(first)
             scales.append(float(np.sqrt(np.mean(step_map[support] ** 2))) or 1.0)
             volumes[h] = step_map
@@ -297,6 +297,12 @@ class Reconstruction:
             for h in (0, 1):
                 grads[h] = symmetrize_volume(grads[h], self.sym_ops)
 
+    def _lr_factor(self, epoch: int, step: int, n_steps: int) -> float:
+        """Cosine decay of the step size from 1 to 0.05 over the run: large steps find the map,
+        small ones settle the minibatch noise so the iterates approach the minimum."""
+        t = (epoch + step / max(n_steps, 1)) / max(self.config.epochs, 1)
+        return 0.05 + 0.95 * 0.5 * (1.0 + np.cos(np.pi * min(max(t, 0.0), 1.0)))
+
     def _run_epoch(self, st: RunState, epoch: int) -> EpochStats:
         cfg = self.config
         be = self.backend
@@ -350,7 +356,7 @@ class Reconstruction:
                 else:
                     g[h] = 0.0
             self._symmetrize(g)
-            adam_step(st.volumes, g, st.adam, st.lr_abs)
+            adam_step(st.volumes, g, st.adam, st.lr_abs * self._lr_factor(epoch, k, n_steps))
             st.step += 1
             self._volume_dev = [be.to_device(st.volumes[0]), be.to_device(st.volumes[1])]
             if bar is not None:
@@ -399,6 +405,8 @@ class Reconstruction:
         cfg = self.config
         t_start = time.perf_counter()
         st = self.state
+        if self.comm.is_root:
+            self.out.mkdir(parents=True, exist_ok=True)
         if st is None:
             t0 = time.perf_counter()
             st = self._initial_state()

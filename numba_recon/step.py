@@ -61,3 +61,4 @@ def adam_step(params: np.ndarray, grad: np.ndarray, state: AdamState, lr: float 
     denom = np.sqrt(state.v)
     denom += np.float32(eps * np.sqrt(bias2))
     params -= step_size * state.m / denom
+

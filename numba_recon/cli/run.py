@@ -44,7 +44,8 @@ def parse_keep_fraction(value: str) -> tuple[float, float]:
 @click.option("--epochs", type=int, default=20, show_default=True, help="Passes over each half set.")
 @click.option("--batch-size", type=int, default=256, show_default=True,
               help="Particles per half per optimiser step, summed over all MPI ranks.")
-@click.option("--lr", type=float, default=0.05, show_default=True, help="Adam step size relative to the map scale.")
+@click.option("--lr", type=float, default=0.2, show_default=True,
+              help="Adam step size relative to the map scale (cosine-decayed to 5% over the run).")
 @click.option("--reg-lambda", type=float, default=0.01, show_default=True,
               help="lambda of the regulariser n*lambda^2*||x||^2.")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
