@@ -35,17 +35,19 @@ def weighted_backproject(backend: Backend, residuals: Any, rotations: Any, weigh
     backend.weighted_backproject(residuals, rotations, weights, radius_px, grad_out)
 
 
-def backproject_filtered(backend: Backend, images: np.ndarray, rotations: np.ndarray, filters: np.ndarray | None,
+def backproject_filtered(backend: Backend, images: Any, rotations: Any, filters: Any | None,
                          radius_px: float | None = None, *, batch_size: int = 256,
                          dtype: Any = np.float32) -> np.ndarray:
     """``(H P)^T y = sum_b P_b^T H_b images[b]``, the adjoint of :func:`numba_recon.forward.model_images`.
+
+    Array arguments may be host arrays or ``backend`` arrays (from its ``to_device``).
 
     Parameters
     ----------
     backend
         From :func:`numba_recon.backend.get_backend`.
     images
-        ``(b, N, N)`` host array.
+        ``(b, N, N)``.
     rotations
         ``(b, 3, 3)`` RELION matrices ``A``.
     filters
@@ -63,12 +65,12 @@ def backproject_filtered(backend: Backend, images: np.ndarray, rotations: np.nda
     numpy.ndarray
         ``(N, N, N)`` host array of ``dtype``.
     """
-    nb, n = images.shape[0], images.shape[-1]
+    nb, n = images.shape[0], images.shape[1]
     radius = default_radius_px(n) if radius_px is None else float(radius_px)
-    if np.shape(rotations) != (nb, 3, 3):
-        raise ValueError(f"rotations: expected shape ({nb}, 3, 3), got {np.shape(rotations)}")
-    if filters is not None and np.shape(filters) != (nb, n, n):
-        raise ValueError(f"filters: expected shape ({nb}, {n}, {n}), got {np.shape(filters)}")
+    if tuple(rotations.shape) != (nb, 3, 3):
+        raise ValueError(f"rotations: expected shape ({nb}, 3, 3), got {tuple(rotations.shape)}")
+    if filters is not None and tuple(filters.shape) != (nb, n, n):
+        raise ValueError(f"filters: expected shape ({nb}, {n}, {n}), got {tuple(filters.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = backend.zeros((n, n, n), dtype)

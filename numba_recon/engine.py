@@ -112,6 +112,7 @@ class Reconstruction:
         self.out = Path(config.out_dir)
         self.device_index = select_device(self.comm) if config.backend in ("cuda", "auto") else None
         self.backend = get_backend(config.backend)
+        self._warm_up_kernels()
         self.particles = read_particles(config.particles, angpix=config.angpix, root=config.root,
                                         class_number=config.class_number, seed=config.seed)
         if len(self.particles) < 4:
@@ -131,6 +132,32 @@ class Reconstruction:
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
+    def _warm_up_kernels(self) -> None:
+        """Compile (or load from Numba's cache) every kernel on rank 0 first, then on the others:
+        ranks compiling at once race on the on-disk cache."""
+        be = self.backend
+        n = 4
+
+        def call() -> None:
+            vol = be.zeros((n, n, n))
+            rot = be.to_device(np.eye(3, dtype=np.float32)[None])
+            img = be.zeros((1, n, n))
+            res = be.zeros((1, n, n))
+            loss = be.zeros((1,))
+            be.forward_residual(vol, rot, be.to_device(np.ones((1, n, n), np.float32)), img, be.zeros((1,)), 1.0,
+                                res, loss)
+            be.weighted_backproject(res, rot, be.to_device(np.ones(1, np.float32)), 1.0, vol)
+            be.synchronize()
+
+        if self.comm.size > 1:
+            if self.comm.is_root:
+                call()
+            self.comm.barrier()
+            if not self.comm.is_root:
+                call()
+        else:
+            call()
+
     def _restore(self) -> RunState | None:
         ckpt = load_latest(self.out) if self.comm.is_root else None
         ckpt = self.comm.bcast(ckpt)

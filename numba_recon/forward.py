@@ -60,16 +60,18 @@ def forward_residual(backend: Backend, volume: Any, rotations: Any, filters2: An
     backend.forward_residual(volume, rotations, filters2, data, data_norm2, radius_px, residual_out, loss_out)
 
 
-def model_images(backend: Backend, volume: np.ndarray, rotations: np.ndarray, filters: np.ndarray | None,
-                 radius_px: float | None = None, *, batch_size: int = 256, dtype: Any = np.float32) -> np.ndarray:
+def model_images(backend: Backend, volume: Any, rotations: Any, filters: Any | None, radius_px: float | None = None,
+                 *, batch_size: int = 256, dtype: Any = np.float32) -> np.ndarray:
     """Model images ``H_b P_b x`` (CTF-filtered projections) as a host array.
+
+    Array arguments may be host arrays or ``backend`` arrays (from its ``to_device``).
 
     Parameters
     ----------
     backend
         From :func:`numba_recon.backend.get_backend`.
     volume
-        ``(N, N, N)`` host array indexed ``[z, y, x]``.
+        ``(N, N, N)`` indexed ``[z, y, x]``.
     rotations
         ``(b, 3, 3)`` RELION matrices ``A`` (map to image frame).
     filters
@@ -89,10 +91,9 @@ def model_images(backend: Backend, volume: np.ndarray, rotations: np.ndarray, fi
     """
     n = volume.shape[0]
     radius = default_radius_px(n) if radius_px is None else float(radius_px)
-    rotations = np.asarray(rotations)
     nb = rotations.shape[0]
-    if filters is not None and np.shape(filters) != (nb, n, n):
-        raise ValueError(f"filters: expected shape ({nb}, {n}, {n}), got {np.shape(filters)}")
+    if filters is not None and tuple(filters.shape) != (nb, n, n):
+        raise ValueError(f"filters: expected shape ({nb}, {n}, {n}), got {tuple(filters.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = np.empty((nb, n, n), dtype=dtype)

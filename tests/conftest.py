@@ -14,6 +14,13 @@ if os.environ.get("NUMBA_RECON_TEST_REAL_GPU", "0") != "1":
 os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import sys  # noqa: E402
+
+if "numba" in sys.modules:  # imported early by a plugin: make it see the simulator setting
+    from numba.core import config as _numba_config
+
+    _numba_config.reload_config()
+
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402

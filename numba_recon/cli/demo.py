@@ -23,10 +23,10 @@ from numba_recon.cli._common import handle_errors, prepare_output_dir
 @click.command("demo", help=__doc__)
 @click.option("-o", "--output", "out_dir", default="numba_recon_demo", show_default=True,
               type=click.Path(file_okay=True), help="Output folder (data in data/, reconstruction in recon/).")
-@click.option("--particles", "n_particles", type=int, default=3000, show_default=True, help="Number of particles.")
-@click.option("--box-size", type=int, default=48, show_default=True, help="Box size in pixels.")
-@click.option("--angpix", type=float, default=3.0, show_default=True, help="Pixel size in Angstrom.")
-@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--particles", "n_particles", type=int, default=5000, show_default=True, help="Number of particles.")
+@click.option("--box-size", type=int, default=64, show_default=True, help="Box size in pixels.")
+@click.option("--angpix", type=float, default=2.0, show_default=True, help="Pixel size in Angstrom.")
+@click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--sym", "symmetry", default="C1", show_default=True, help="Point group used by the reconstruction.")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -56,8 +56,10 @@ def demo(ctx: click.Context, out_dir: str, n_particles: int, box_size: int, angp
     verbosity = (ctx.find_root().obj or {}).get("verbosity", 0)
     summary = run_engine(config, progress=verbosity >= 0)
     truth, _ = read_volume(data_dir / "truth.mrc")
-    recon, _ = read_volume(recon_dir / "run_class001.mrc")
-    curve = fsc(recon, truth)
+    # the unfiltered average of the half maps (run_class001.mrc is also low-pass filtered)
+    half1, _ = read_volume(recon_dir / "run_half1_class001_unfil.mrc")
+    half2, _ = read_volume(recon_dir / "run_half2_class001_unfil.mrc")
+    curve = fsc(0.5 * (half1 + half2), truth)
     res_truth = resolution_at(curve, box_size, angpix, 0.5)
     summary["resolution_vs_truth_fsc05_angstrom"] = res_truth
     (recon_dir / "demo.json").write_text(json.dumps({"resolution_angstrom": summary["resolution_angstrom"],
