@@ -43,7 +43,8 @@ class RunConfig:
     initial_map
         Optional MRC to start both halves from.
     loss, keep_start, keep_end, robust_warmup, reweight_power
-        Robust loss settings (see :mod:`numba_recon.loss`).
+        Robust loss settings (see :mod:`numba_recon.loss`); ``keep_start = keep_end = None`` is the
+        automatic kept fraction.
     symmetry
         Point group (``C1``, ``Cn``, ``Dn``, ``T``, ``O``, ``I1``..``I4``).
     mask
@@ -69,8 +70,8 @@ class RunConfig:
     checkpoint_every: int = 1
     initial_map: str | None = None
     loss: str = "l2"
-    keep_start: float = 0.5
-    keep_end: float = 0.8
+    keep_start: float | None = None
+    keep_end: float | None = None
     robust_warmup: int = 2
     reweight_power: float = 1.0
     symmetry: str = "C1"
@@ -94,8 +95,10 @@ class RunConfig:
             raise bad("--cv-fraction", f"must be in [0, 0.5) (got {self.cv_fraction})", "the default is 0.05")
         if self.checkpoint_every <= 0:
             raise bad("--checkpoint-every", f"must be positive (got {self.checkpoint_every})", "give at least 1")
+        if (self.keep_start is None) != (self.keep_end is None):
+            raise bad("--keep-fraction", "needs both START and END", "e.g. --keep-fraction 0.5:0.8, or auto")
         for name, v in (("start", self.keep_start), ("end", self.keep_end)):
-            if not 0 < v <= 1:
+            if v is not None and not 0 < v <= 1:
                 raise bad("--keep-fraction", f"{name} must be in (0, 1] (got {v})", "e.g. --keep-fraction 0.5:0.8")
         if self.robust_warmup < 0:
             raise bad("--robust-warmup", f"must be >= 0 (got {self.robust_warmup})", "e.g. 2")

@@ -27,13 +27,7 @@ from numba_recon.batch import BatchLoader, assign_cross_validation, assign_halve
 from numba_recon.checkpoint import Checkpoint, atomic_write_text, load_latest, save_checkpoint
 from numba_recon.config import RunConfig
 from numba_recon.errors import InputError, InputFileError
-from numba_recon.loss import (
-    RobustSchedule,
-    particle_scores,
-    reweight_reference,
-    reweighted_weights,
-    trimmed_weights,
-)
+from numba_recon.loss import RobustSchedule, good_population, particle_scores, robust_weights
 from numba_recon.reduce import Comm, describe_mpi, get_comm, select_device
 from numba_recon.step import AdamState, adam_step
 
@@ -250,17 +244,6 @@ class Reconstruction:
         return (-alpha * g).astype(np.float32)
 
     # ------------------------------------------------------------------ one epoch
-    def _weights(self, scores_global: np.ndarray, half_index: np.ndarray, epoch: int) -> tuple[np.ndarray, float]:
-        """Robust weights for a global minibatch (identical on every rank) and the kept fraction."""
-        sch = self.schedule
-        if not sch.active(epoch):
-            return np.ones(scores_global.size), 1.0
-        if sch.loss == "trimmed":
-            q = sch.keep_fraction(epoch)
-            return trimmed_weights(scores_global, q), q
-        ref, scale = self._reweight_ref[int(half_index)]
-        return reweighted_weights(scores_global, ref, scale, sch.power), 1.0
-
     def _loss_and_gradient(self, local: np.ndarray, volume_dev: Any, grad_dev: Any,
                            weights_fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Forward, loss and adjoint for one rank's shard of a global minibatch.
@@ -279,10 +262,11 @@ class Reconstruction:
         rot = be.to_device(prep.rotations)
         resid = be.zeros((b, n, n))
         losses_dev = be.zeros((b,))
+        energy_dev = be.zeros((b,))
         be.forward_residual(volume_dev, rot, be.to_device(prep.filters2), be.to_device(prep.data),
-                            be.to_device(prep.data_norm2), self.radius, resid, losses_dev)
+                            be.to_device(prep.data_norm2), self.radius, resid, losses_dev, energy_dev)
         losses = be.to_host(losses_dev).astype(np.float64)
-        scores = particle_scores(losses, prep.data_norm2, prep.noise_var, n)
+        scores = particle_scores(losses, prep.data_norm2, be.to_host(energy_dev))
         w = weights_fn(scores)
         be.weighted_backproject(resid, rot, be.to_device(np.asarray(w, np.float32)), self.radius, grad_dev)
         return losses, scores, losses / (n * n * prep.noise_var.astype(np.float64))
@@ -296,7 +280,7 @@ class Reconstruction:
             scores_global = np.empty(global_batch.size)
             for r, part in enumerate(parts):
                 scores_global[r::size] = part
-            w_global, q = self._weights(scores_global, np.array(half), epoch)
+            w_global, q = robust_weights(scores_global, self.schedule, epoch, self._population.get(half))
             return w_global[self.comm.rank::size], w_global, q
         return np.ones(local.size), np.ones(global_batch.size), 1.0
 
@@ -341,12 +325,13 @@ class Reconstruction:
         scores_epoch = np.full(len(self.particles), np.nan)
         loss_sum = 0.0
         kept = []
-        if self.schedule.loss == "reweighted" and self.schedule.active(epoch):
-            self._reweight_ref = {}
+        self._population: dict[int, tuple[float, float]] = {}
+        if self.schedule.active(epoch):
             for h in (0, 1):
                 prev = st.scores_prev[train[h]]
                 prev = prev[np.isfinite(prev)]
-                self._reweight_ref[h] = reweight_reference(prev)
+                if prev.size:
+                    self._population[h] = good_population(prev)
         bar = self._progress_bar(n_steps, epoch)
         processed = 0
         for k in range(n_steps):
@@ -517,11 +502,13 @@ class Reconstruction:
                 b = part.size
                 resid = be.zeros((b, n, n))
                 ldev = be.zeros((b,))
+                edev = be.zeros((b,))
                 be.forward_residual(vol, be.to_device(prep.rotations), be.to_device(prep.filters2),
-                                    be.to_device(prep.data), be.to_device(prep.data_norm2), self.radius, resid, ldev)
+                                    be.to_device(prep.data), be.to_device(prep.data_norm2), self.radius, resid, ldev,
+                                    edev)
                 lh = be.to_host(ldev).astype(np.float64)
                 losses[part] = lh
-                scores[part] = particle_scores(lh, prep.data_norm2, prep.noise_var, n)
+                scores[part] = particle_scores(lh, prep.data_norm2, be.to_host(edev))
         if self.comm.size > 1:
             for arr in (losses, scores):
                 for part in self.comm.allgather(arr):

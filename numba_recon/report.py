@@ -160,29 +160,9 @@ def plot_scores(scores: np.ndarray, weights: np.ndarray | None, path: Path, loss
 
 def final_weights(job: "Reconstruction", scores: np.ndarray, st: "RunState") -> tuple[np.ndarray, np.ndarray]:
     """Per-particle weight and kept flag under the final robust settings, ranked within each half."""
-    from numba_recon.loss import reweight_reference, reweighted_weights, trimmed_weights
+    from numba_recon.loss import final_particle_weights
 
-    n = scores.size
-    weights = np.ones(n)
-    kept = np.ones(n, dtype=bool)
-    sch = job.schedule
-    if sch.loss == "l2":
-        return weights, kept
-    last = job.config.epochs - 1
-    for h in (1, 2):
-        idx = np.flatnonzero(st.halves == h)
-        s = np.nan_to_num(scores[idx], nan=np.inf)
-        if sch.loss == "trimmed":
-            w = trimmed_weights(s, sch.keep_fraction(last))
-            weights[idx] = w
-            kept[idx] = w > 0
-        else:
-            ref, scale = reweight_reference(s[np.isfinite(s)])
-            w = reweighted_weights(np.where(np.isfinite(s), s, np.nanmax(s[np.isfinite(s)]) if np.isfinite(s).any()
-                                            else 0.0), ref, scale, sch.power)
-            weights[idx] = w
-            kept[idx] = w >= 0.5
-    return weights, kept
+    return final_particle_weights(scores, st.halves, job.schedule)
 
 
 def write_run_outputs(job: "Reconstruction", st: "RunState", losses: np.ndarray, scores: np.ndarray) -> dict[str, Any]:

@@ -21,8 +21,10 @@ from numba_recon.errors import InputError, OutputError
 log = logging.getLogger(__name__)
 
 
-def parse_keep_fraction(value: str) -> tuple[float, float]:
-    """``"0.5:0.8"`` -> (0.5, 0.8); ``"0.7"`` -> (0.7, 0.7)."""
+def parse_keep_fraction(value: str) -> tuple[float | None, float | None]:
+    """``"0.5:0.8"`` -> (0.5, 0.8); ``"0.7"`` -> (0.7, 0.7); ``"auto"`` -> (None, None)."""
+    if value.strip().lower() == "auto":
+        return None, None
     try:
         parts = [float(p) for p in value.split(":")]
     except ValueError:
@@ -63,8 +65,9 @@ def parse_keep_fraction(value: str) -> tuple[float, float]:
 @click.option("--initial-map", type=click.Path(dir_okay=False), default=None, help="Start both halves from this map.")
 @click.option("--loss", type=click.Choice(["l2", "trimmed", "sorted", "reweighted"]), default="l2", show_default=True,
               help="Per-particle loss: plain least squares, trimmed (sorted) or iteratively reweighted.")
-@click.option("--keep-fraction", default="0.5:0.8", show_default=True,
-              help="Trimmed loss: kept fraction START:END, moving linearly over the robust epochs.")
+@click.option("--keep-fraction", default="auto", show_default=True,
+              help="Trimmed loss: kept fraction START:END, moving linearly over the robust epochs, or auto "
+                   "(keep particles scoring within 3 robust sigmas of the good population).")
 @click.option("--robust-warmup", type=int, default=2, show_default=True,
               help="Epochs of plain L2 before a robust loss starts.")
 @click.option("--reweight-power", type=float, default=1.0, show_default=True,

@@ -55,8 +55,9 @@ def fourier_filter(images: np.ndarray, filters: np.ndarray, out: np.ndarray) -> 
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _residual_and_loss(model, filtered, data, data_norm2, residual_out, loss_out):  # pragma: no cover
-    """``residual = filtered - data``; ``loss = <model, filtered> - 2 <model, data> + data_norm2``.
+def _residual_and_loss(model, filtered, data, data_norm2, residual_out, loss_out, energy_out):  # pragma: no cover
+    """``residual = filtered - data``; ``loss = <model, filtered> - 2 <model, data> + data_norm2``;
+    ``energy = <model, filtered>`` (the model image's energy ``||H P x||^2``).
 
     Sums in float64, whatever the image dtype: the three terms nearly cancel near the optimum.
     """
@@ -73,11 +74,12 @@ def _residual_and_loss(model, filtered, data, data_norm2, residual_out, loss_out
                 qd += q * np.float64(d)
                 residual_out[b, y, x] = s - d
         loss_out[b] = qs - 2.0 * qd + np.float64(data_norm2[b])
+        energy_out[b] = qs
 
 
 def forward_residual(volume: np.ndarray, rotations: np.ndarray, filters2: np.ndarray, data: np.ndarray,
                      data_norm2: np.ndarray, radius_px: float, residual_out: np.ndarray,
-                     loss_out: np.ndarray) -> None:
+                     loss_out: np.ndarray, energy_out: np.ndarray | None = None) -> None:
     """Per-particle residuals and losses of the data term (overwrites both outputs).
 
     With ``q = P x`` and ``s = fourier_filter(q, filters2)``: ``residual_out[b] = s - data[b]`` and
@@ -103,6 +105,9 @@ def forward_residual(volume: np.ndarray, rotations: np.ndarray, filters2: np.nda
         ``(b, N, N)`` of the volume's dtype.
     loss_out
         ``(b,)`` float32 or float64; the losses are summed in float64.
+    energy_out
+        Optional ``(b,)`` array that receives ``<q, s> = ||H P x||^2``, the model images' energy
+        (used to normalise per-particle scores).
     """
     volume = _support.check_volume("volume", volume)
     n = volume.shape[0]
@@ -116,4 +121,9 @@ def forward_residual(volume: np.ndarray, rotations: np.ndarray, filters2: np.nda
     model = np.zeros((nb, n, n), dtype=volume.dtype)
     project(volume, rotations, radius_px, model)
     fourier_filter(model, filters2, residual_out)
-    _residual_and_loss(model, residual_out, data, norm2, residual_out, loss_out)
+    if energy_out is None:
+        energy = np.empty(nb, dtype=np.float64)
+    else:
+        _support.check_array("energy_out", energy_out, (nb,))
+        energy = energy_out
+    _residual_and_loss(model, residual_out, data, norm2, residual_out, loss_out, energy)

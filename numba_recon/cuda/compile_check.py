@@ -33,7 +33,7 @@ KERNELS: dict[str, tuple[Any, str, bool]] = {
     "project": (_project_kernel, f"void({_A3}, {_A3}, int32, {_A3})", True),
     "backproject": (_backproject_kernel, f"void({_A1}, {_A3}, {_A1}, int32, float32, int32, {_A3})", True),
     "dft_stage": (_dft_stage_kernel, f"void({_A2}, {_A3}, {_A3}, int32, float32, {_A3})", True),
-    "residual_loss": (_residual_loss_kernel, f"void({_A3}, {_A3}, {_A3}, {_A1}, {_A1})", False),
+    "residual_loss": (_residual_loss_kernel, f"void({_A3}, {_A3}, {_A3}, {_A1}, {_A1}, {_A1})", False),
     "fill": (_fill_kernel, f"void({_A1}, float32)", False),
     "atomic_global_benchmark": (_atomic_global_kernel, f"void({_A1}, int64, int64)", False),
     "atomic_shared_benchmark": (_atomic_shared_kernel, f"void({_A1}, int64)", False),

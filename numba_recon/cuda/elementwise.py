@@ -25,19 +25,21 @@ def _fill_kernel(flat, value):
 
 
 @cuda.jit(cache=True)
-def _residual_loss_kernel(q, s_res, data, data_norm2, loss_out):
-    """Residual and loss of one particle per block.
+def _residual_loss_kernel(q, s_res, data, data_norm2, loss_out, energy_out):
+    """Residual, loss and model energy of one particle per block.
 
     On entry ``s_res[b]`` holds ``s = H^2 q``; on exit ``s - data[b]``. ``loss_out[b]`` is set to
     ``<q, s> - 2 <q, data[b]> + data_norm2[b]``, summed in float64 because the three terms nearly
-    cancel once the map fits the data.
+    cancel once the map fits the data; ``energy_out[b]`` to ``<q, s>``.
     """
     partial = cuda.shared.array(REDUCE_THREADS, np.float64)
+    partial_e = cuda.shared.array(REDUCE_THREADS, np.float64)
     tid = cuda.threadIdx.x
     n_pix = q.shape[1] * q.shape[2]
     n = q.shape[2]
     for b in range(cuda.blockIdx.x, q.shape[0], cuda.gridDim.x):
         acc = np.float64(0.0)
+        acc_e = np.float64(0.0)
         for p in range(tid, n_pix, REDUCE_THREADS):
             y = p // n
             x = p - y * n
@@ -46,14 +48,18 @@ def _residual_loss_kernel(q, s_res, data, data_norm2, loss_out):
             qv = q[b, y, x]
             s_res[b, y, x] = s - d
             acc += np.float64(qv) * (np.float64(s) - 2.0 * np.float64(d))
+            acc_e += np.float64(qv) * np.float64(s)
         partial[tid] = acc
+        partial_e[tid] = acc_e
         cuda.syncthreads()
         width = REDUCE_THREADS // 2
         while width > 0:
             if tid < width:
                 partial[tid] += partial[tid + width]
+                partial_e[tid] += partial_e[tid + width]
             cuda.syncthreads()
             width //= 2
         if tid == 0:
             loss_out[b] = partial[0] + np.float64(data_norm2[b])
+            energy_out[b] = partial_e[0]
         cuda.syncthreads()

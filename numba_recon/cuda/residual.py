@@ -12,7 +12,7 @@ from numba_recon.cuda.project import DEFAULT_THREADS_PER_BLOCK, project
 
 
 def forward_residual(volume: Any, rotations: Any, filters2: Any, data: Any, data_norm2: Any, radius_px: float,
-                     residual_out: Any, loss_out: Any, *,
+                     residual_out: Any, loss_out: Any, energy_out: Any = None, *,
                      threads_per_block: int = DEFAULT_THREADS_PER_BLOCK) -> None:
     """Residuals and losses of a batch: ``q = P x``, ``s = fourier_filter(q, filters2)``.
 
@@ -40,6 +40,9 @@ def forward_residual(volume: Any, rotations: Any, filters2: Any, data: Any, data
         ``(b, N, N)`` float32 device array (overwritten).
     loss_out
         ``(b,)`` float32 device array (overwritten).
+    energy_out
+        Optional ``(b,)`` float32 device array that receives ``<q, s> = ||H P x||^2``, the model
+        images' energy.
     threads_per_block
         Block size of the projection (see :func:`~numba_recon.cuda.project`).
     """
@@ -52,10 +55,14 @@ def forward_residual(volume: Any, rotations: Any, filters2: Any, data: Any, data
         device_f32(name, arr, (nb, n, n))
     device_f32("data_norm2", data_norm2, (nb,))
     device_f32("loss_out", loss_out, (nb,))
+    if energy_out is None:
+        energy_out = scratch("forward_residual.energy", (nb,))
+    device_f32("energy_out", energy_out, (nb,))
     if nb == 0:
         return
     q = scratch("forward_residual.q", (nb, n, n))
     fill(q, 0.0)
     project(volume, rotations, radius_px, q, threads_per_block=threads_per_block)
     fourier_filter(q, filters2, residual_out)
-    _residual_loss_kernel[min(nb, MAX_BATCH_BLOCKS), REDUCE_THREADS](q, residual_out, data, data_norm2, loss_out)
+    _residual_loss_kernel[min(nb, MAX_BATCH_BLOCKS), REDUCE_THREADS](q, residual_out, data, data_norm2, loss_out,
+                                                                     energy_out)
