@@ -302,11 +302,37 @@ class Reconstruction:
         return self.comm.allreduce_scalar(total), int(index.size)
 
     def _symmetrize(self, grads: np.ndarray) -> None:
+        """Constrain each half map to the point group on its own (the halves stay independent).
+
+        The gradient is averaged over the group: the projected gradient of the objective restricted
+        to symmetric maps (``docs/symmetry.md``). Before the first step of a new run the starting
+        maps are averaged as well; otherwise their asymmetric part would never leave.
+        """
         if len(self.sym_ops) > 1:
             from numba_recon.symmetry import symmetrize_volume
 
+            st = self.state
+            if st is not None and st.step == 0:
+                for h in (0, 1):
+                    st.volumes[h] = symmetrize_volume(st.volumes[h], self.sym_ops)
             for h in (0, 1):
                 grads[h] = symmetrize_volume(grads[h], self.sym_ops)
+
+    def _symmetrize_final(self, st: RunState) -> None:
+        """Project each half map exactly onto the maps with the point group's symmetry, so the
+        written maps are invariant (``symmetry.SymmetricSubspace``); nothing to do for C1."""
+        if len(self.sym_ops) > 1:
+            from numba_recon.symmetry import symmetric_subspace
+
+            t0 = time.perf_counter()
+            space = symmetric_subspace(self.box, self.config.symmetry, min(self.radius, self.box // 2 - 1))
+            for h in (0, 1):
+                st.volumes[h] = space.project(st.volumes[h])
+            self._volume_dev = [self.backend.to_device(st.volumes[0]), self.backend.to_device(st.volumes[1])]
+            self.timings["symmetrize_s"] = time.perf_counter() - t0
+            if self.comm.is_root:
+                log.info("half maps projected onto %s-symmetric maps (%d basis functions, %.1f s)",
+                         self.config.symmetry, space.n_functions, self.timings["symmetrize_s"])
 
     def _lr_factor(self, epoch: int, step: int, n_steps: int) -> float:
         """Cosine decay of the step size from 1 to 0.05 over the run: large steps find the map,
@@ -334,6 +360,7 @@ class Reconstruction:
                     self._population[h] = good_population(prev)
         bar = self._progress_bar(n_steps, epoch)
         processed = 0
+        last_note = t0
         for k in range(n_steps):
             grads = be.zeros(st.volumes.shape)
             weight_sums = np.zeros(2)
@@ -373,6 +400,11 @@ class Reconstruction:
             self._volume_dev = [be.to_device(st.volumes[0]), be.to_device(st.volumes[1])]
             if bar is not None:
                 bar.update(1)
+            elif self.progress and self.comm.is_root and time.perf_counter() - last_note > 30.0:
+                # no terminal (batch jobs): a plain line every 30 s instead of a bar
+                last_note = time.perf_counter()
+                rate = processed / max(last_note - t0, 1e-9)
+                log.info("epoch %d: step %d/%d, %.0f images/s", epoch + 1, k + 1, n_steps, rate)
         if bar is not None:
             bar.close()
         # scores from all ranks (each rank filled its own shard)
@@ -406,10 +438,12 @@ class Reconstruction:
     def _progress_bar(self, total: int, epoch: int):
         if not (self.progress and self.comm.is_root):
             return None
+        if not sys.stderr.isatty():
+            return None
         from tqdm import tqdm
 
         return tqdm(total=total, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="step", leave=False,
-                    disable=None, file=sys.stderr)
+                    file=sys.stderr)
 
     # ------------------------------------------------------------------ driver
     def run(self) -> dict[str, Any]:
@@ -518,6 +552,7 @@ class Reconstruction:
 
     def _finish(self, st: RunState) -> dict[str, Any]:
         t0 = time.perf_counter()
+        self._symmetrize_final(st)
         losses, scores = self._final_scores(st)
         summary: dict[str, Any] = {}
         if self.comm.is_root:
