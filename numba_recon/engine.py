@@ -115,6 +115,10 @@ class Reconstruction:
         self.box = int(self.particles.box_size)
         self.angpix = float(self.particles.pixel_size_angstrom)
         self.radius = float(config.radius_px if config.radius_px is not None else self.box // 2 - 1)
+        if config.mask:
+            from numba_recon.report import validate_mask
+
+            validate_mask(config.mask, self.box, self.angpix)  # a wrong mask stops the run before any work
         self.loader = BatchLoader(self.particles, cache_bytes=int(config.cache_mb * 2**20))
         self.schedule = RobustSchedule(loss=config.loss, keep_start=config.keep_start, keep_end=config.keep_end,
                                        warmup_epochs=config.robust_warmup, power=config.reweight_power,

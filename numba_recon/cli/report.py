@@ -1,4 +1,10 @@
-"""Write (or rewrite) the self-contained HTML report of a run folder.
+"""Write (or rewrite) the self-contained HTML report of a finished run folder.
+
+The plots are redrawn from the folder's files (fsc.csv, history.csv, run_class001.mrc, run_data.star;
+postprocess/ when the run had --mask), then embedded in OUTDIR/report.html: one page that opens in any
+browser, offline, and can be mailed or archived as a single file. It shows the resolution, the FSC
+curves, the loss and resolution history, central slices, projections, per-particle scores (robust
+losses), the symmetry, the command line and the versions.
 
 \b
 Example:
@@ -16,10 +22,10 @@ from numba_recon.errors import InputError
 
 
 @click.command("report", help=__doc__)
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", metavar="OUTDIR", type=click.Path(file_okay=False))
 @handle_errors
 def report(run_dir: str) -> None:
-    from numba_recon.report import write_html_report
+    from numba_recon.report import make_plots, write_html_report
 
     out = Path(run_dir)
     if not out.is_dir():
@@ -27,5 +33,12 @@ def report(run_dir: str) -> None:
     if not (out / "summary.json").is_file():
         raise InputError("not a finished run folder (no summary.json)", out,
                          "run `numba-recon run ... -o FOLDER` first, or resume it with --resume")
+    try:
+        make_plots(out)
+    except InputError:
+        raise
+    except (KeyError, ValueError) as err:
+        raise InputError(f"cannot read the run's files ({err})", out,
+                         "check that the folder holds a complete numba-recon run") from None
     path = write_html_report(out)
     click.echo(f"Report: {path}")
