@@ -24,7 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from numba_recon.errors import InputFileError
+from numba_recon.errors import InputFileError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +91,52 @@ def _fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_WRITE_ERRORS = (
+    ("no space left on device", ("no space left", "errno = 28")),
+    ("disk quota exceeded", ("quota", "errno = 122")),
+    ("file too large for the file-size limit", ("file too large", "errno = 27")),
+    ("input/output error", ("input/output error", "errno = 5")),
+)
+
+
+def write_error(path: Path, err: BaseException) -> OutputError:
+    """One clear :class:`OutputError` for a failed write of ``path`` (disk full, quota, file-size
+    limit, I/O error), whatever layer raised it (the OS, or HDF5 through h5py)."""
+    text = f"{getattr(err, 'strerror', None) or ''} {err}".lower()
+    code = getattr(err, "errno", None)
+    for problem, needles in _WRITE_ERRORS:
+        if any(n in text for n in needles) or (code is not None and f"errno = {code}" in needles[1]):
+            break
+    else:
+        problem = f"cannot write ({getattr(err, 'strerror', None) or err})"
+    return OutputError(problem, path, "free space or raise the limit, then continue with --resume "
+                                      "(files already written are complete and intact)")
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically (temp file, fsync, rename, fsync folder)."""
+    """Write a small text file atomically (temp file, fsync, rename, fsync folder).
+
+    On failure the temporary file is removed, ``path`` is left as it was, and an
+    :class:`OutputError` names ``path``.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        _remove_quietly(tmp)
+        raise write_error(path, err) from None
     _fsync_dir(path.parent)
 
 
@@ -115,23 +152,27 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     tmp = folder / (name + ".tmp")
     datasets = {"volumes": ckpt.volumes, "adam_m": ckpt.adam_m, "adam_v": ckpt.adam_v}
     datasets.update({f"arrays/{k}": v for k, v in ckpt.arrays.items()})
-    with h5py.File(tmp, "w") as h5:
-        h5.attrs["format_version"] = FORMAT_VERSION
-        h5.attrs["epoch"] = ckpt.epoch
-        h5.attrs["step"] = ckpt.step
-        h5.attrs["adam_t"] = ckpt.adam_t
-        h5.attrs["config"] = json.dumps(ckpt.config, sort_keys=True)
-        h5.attrs["state"] = json.dumps(ckpt.state, sort_keys=True)
-        for key, value in datasets.items():
-            arr = np.ascontiguousarray(value)
-            ds = h5.create_dataset(key, data=arr)
-            ds.attrs["crc32"] = _crc(arr)
-        h5.flush()
-        _fault_point("kill_during_checkpoint")
-        h5.attrs["complete"] = True
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    try:
+        with h5py.File(tmp, "w") as h5:
+            h5.attrs["format_version"] = FORMAT_VERSION
+            h5.attrs["epoch"] = ckpt.epoch
+            h5.attrs["step"] = ckpt.step
+            h5.attrs["adam_t"] = ckpt.adam_t
+            h5.attrs["config"] = json.dumps(ckpt.config, sort_keys=True)
+            h5.attrs["state"] = json.dumps(ckpt.state, sort_keys=True)
+            for key, value in datasets.items():
+                arr = np.ascontiguousarray(value)
+                ds = h5.create_dataset(key, data=arr)
+                ds.attrs["crc32"] = _crc(arr)
+            h5.flush()
+            _fault_point("kill_during_checkpoint")
+            h5.attrs["complete"] = True
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as err:  # h5py reports some write failures as RuntimeError
+        _remove_quietly(tmp)
+        raise write_error(final, err) from None
     _fsync_dir(folder)
     atomic_write_text(folder / LATEST, json.dumps({"checkpoint": name, "epoch": ckpt.epoch}) + "\n")
     old = sorted(folder.glob("ckpt_e*.h5"))

@@ -57,10 +57,16 @@ def _figure(width_in: float, height_in: float):
 
 
 def _savefig(fig, path: Path) -> None:
+    from numba_recon.checkpoint import write_error
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, err) from None
 
 
 def filtered_average(half1: np.ndarray, half2: np.ndarray, fsc_curve: np.ndarray, resolution_angstrom: float,
@@ -89,9 +95,15 @@ def write_model_star(path: Path, fsc_curve: np.ndarray, box: int, angpix: float,
     ssnr = np.maximum(fsc_c, 0) / (1 - np.maximum(fsc_c, 0))
     table = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": inv, "rlnAngstromResolution": ang,
                           "rlnSsnrMap": ssnr, "rlnGoldStandardFsc": fsc_curve})
+    from numba_recon.checkpoint import write_error
+
     tmp = path.with_name(path.name + ".tmp")
-    starfile.write({"model_general": general, "model_class_1": table}, tmp, overwrite=True)
-    os.replace(tmp, path)
+    try:
+        starfile.write({"model_general": general, "model_class_1": table}, tmp, overwrite=True)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, err) from None
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path) -> None:

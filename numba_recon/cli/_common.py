@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -45,9 +46,11 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except MemoryError:
             fail("out of memory; use a smaller --batch-size or fewer particles per rank", 1)
         except OSError as err:
-            if err.errno == 28:  # ENOSPC
-                fail(f"{err.filename or 'output'}: no space left on device; free disk space and rerun "
-                     "(existing outputs were left intact)", 2)
+            problems = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                        errno.EFBIG: "file too large for the file-size limit"}
+            if err.errno in problems:
+                fail(f"{err.filename or 'output'}: {problems[err.errno]}; free space or raise the limit and "
+                     "rerun (files already written are complete and intact)", 2)
             raise
 
     return wrapper
