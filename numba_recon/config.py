@@ -3,11 +3,23 @@ checkpoint and ``summary.json``."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from numba_recon.errors import InputError
 from numba_recon.loss import canonical_loss
+
+
+def _finite_at_least(value: float, lower: float, strict: bool = False) -> bool:
+    """True if ``value`` is a finite number ``>= lower`` (``> lower`` with ``strict``)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return False
+    if not math.isfinite(x):
+        return False
+    return x > lower if strict else x >= lower
 
 
 @dataclass(frozen=True)
@@ -87,10 +99,13 @@ class RunConfig:
             raise bad("--epochs", f"must be positive (got {self.epochs})", "give at least 1")
         if self.batch_size <= 0:
             raise bad("--batch-size", f"must be positive (got {self.batch_size})", "give at least 1")
-        if not self.lr > 0:
-            raise bad("--lr", f"must be positive (got {self.lr})", "the default 0.2 suits most data")
-        if self.reg_lambda < 0:
-            raise bad("--reg-lambda", f"must be >= 0 (got {self.reg_lambda})", "use 0 for no regulariser")
+        # Every float check is written as ``not (finite and in range)``: NaN compares False with
+        # everything and infinity passes ``> 0``, so a plain ``value <= 0`` would let both through.
+        if not _finite_at_least(self.lr, 0.0, strict=True):
+            raise bad("--lr", f"must be a finite positive number (got {self.lr})", "the default 0.2 suits most data")
+        if not _finite_at_least(self.reg_lambda, 0.0):
+            raise bad("--reg-lambda", f"must be a finite number >= 0 (got {self.reg_lambda})",
+                      "use 0 for no regulariser, or e.g. 0.01")
         if not 0 <= self.cv_fraction < 0.5:
             raise bad("--cv-fraction", f"must be in [0, 0.5) (got {self.cv_fraction})", "the default is 0.05")
         if self.checkpoint_every <= 0:
@@ -102,14 +117,18 @@ class RunConfig:
                 raise bad("--keep-fraction", f"{name} must be in (0, 1] (got {v})", "e.g. --keep-fraction 0.5:0.8")
         if self.robust_warmup < 0:
             raise bad("--robust-warmup", f"must be >= 0 (got {self.robust_warmup})", "e.g. 2")
-        if self.reweight_power <= 0:
-            raise bad("--reweight-power", f"must be positive (got {self.reweight_power})", "e.g. 0.5 or 1")
-        if self.radius_px is not None and self.radius_px <= 0:
-            raise bad("--radius", f"must be positive (got {self.radius_px})", "omit it for N//2 - 1")
-        if self.cache_mb < 0:
-            raise bad("--cache-mb", f"must be >= 0 (got {self.cache_mb})", "use 0 to disable caching")
-        if self.angpix is not None and not self.angpix > 0:
-            raise bad("--angpix", f"must be positive (got {self.angpix})", "give the pixel size in Angstrom")
+        if not _finite_at_least(self.reweight_power, 0.0, strict=True):
+            raise bad("--reweight-power", f"must be a finite positive number (got {self.reweight_power})",
+                      "e.g. 0.5 or 1")
+        if self.radius_px is not None and not _finite_at_least(self.radius_px, 0.0, strict=True):
+            raise bad("--radius", f"must be a finite positive number of pixels (got {self.radius_px})",
+                      "omit it for N//2 - 1")
+        if not _finite_at_least(self.cache_mb, 0.0):
+            raise bad("--cache-mb", f"must be a finite number >= 0 (got {self.cache_mb})",
+                      "give the memory in MB, or 0 to disable caching")
+        if self.angpix is not None and not _finite_at_least(self.angpix, 0.0, strict=True):
+            raise bad("--angpix", f"must be a finite positive number (got {self.angpix})",
+                      "give the pixel size in Angstrom")
         try:
             object.__setattr__(self, "loss", canonical_loss(self.loss))
         except ValueError as err:

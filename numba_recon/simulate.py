@@ -217,25 +217,29 @@ def _validate(n_particles, box_size, pixel_size_angstrom, snr, defocus_min_um, d
     if box_size is not None and (not float(box_size).is_integer() or box_size < 8):
         raise bad("--box-size", f"must be an integer >= 8 (got {box_size})", "use e.g. --box-size 64")
     if pixel_size_angstrom is not None and not (np.isfinite(pixel_size_angstrom) and pixel_size_angstrom > 0):
-        raise bad("--angpix", f"must be positive (got {pixel_size_angstrom})", "give the pixel size in Angstrom")
+        raise bad("--angpix", f"must be a finite positive number (got {pixel_size_angstrom})",
+                  "give the pixel size in Angstrom")
     if not (np.isfinite(snr) and snr > 0):
-        raise bad("--snr", f"must be positive (got {snr})", "use e.g. --snr 0.1")
+        raise bad("--snr", f"must be a finite positive number (got {snr})", "use e.g. --snr 0.1")
     if not (np.isfinite(defocus_min_um) and defocus_min_um > 0):
-        raise bad("--defocus-min", f"must be positive (got {defocus_min_um} um)", "use e.g. --defocus-min 1.0")
+        raise bad("--defocus-min", f"must be a finite positive number (got {defocus_min_um} um)",
+                  "use e.g. --defocus-min 1.0")
     if not (np.isfinite(defocus_max_um) and defocus_max_um >= defocus_min_um):
-        raise bad("--defocus-max", f"({defocus_max_um} um) must not be below --defocus-min ({defocus_min_um} um)",
+        raise bad("--defocus-max",
+                  f"({defocus_max_um} um) must be finite and not below --defocus-min ({defocus_min_um} um)",
                   "swap or correct the two values")
     if not (np.isfinite(astigmatism_angstrom) and 0 <= astigmatism_angstrom < defocus_min_um * 1e4):
-        raise bad("--astigmatism", f"must be >= 0 and below the smallest defocus (got {astigmatism_angstrom} A)",
+        raise bad("--astigmatism",
+                  f"must be finite, >= 0 and below the smallest defocus (got {astigmatism_angstrom} A)",
                   "use e.g. --astigmatism 200")
     if not (np.isfinite(voltage_kv) and voltage_kv > 0):
-        raise bad("--voltage", f"must be positive (got {voltage_kv} kV)", "use e.g. --voltage 300")
+        raise bad("--voltage", f"must be a finite positive number (got {voltage_kv} kV)", "use e.g. --voltage 300")
     if not (np.isfinite(cs_mm) and cs_mm >= 0):
-        raise bad("--cs", f"must be >= 0 (got {cs_mm} mm)", "use e.g. --cs 2.7")
+        raise bad("--cs", f"must be a finite number >= 0 (got {cs_mm} mm)", "use e.g. --cs 2.7")
     if not (np.isfinite(amplitude_contrast) and 0 <= amplitude_contrast < 1):
         raise bad("--amplitude-contrast", f"must be in [0, 1) (got {amplitude_contrast})", "use e.g. 0.1")
     if not (np.isfinite(max_shift_px) and max_shift_px >= 0):
-        raise bad("--max-shift", f"must be >= 0 (got {max_shift_px} px)", "use e.g. --max-shift 3")
+        raise bad("--max-shift", f"must be a finite number >= 0 (got {max_shift_px} px)", "use e.g. --max-shift 3")
     if box_size is not None and max_shift_px > box_size / 4:
         raise bad("--max-shift", f"({max_shift_px} px) must not exceed a quarter of the box ({box_size} px)",
                   "use a smaller shift or a larger box")

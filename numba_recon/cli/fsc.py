@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import click
@@ -25,22 +26,33 @@ from numba_recon.errors import InputError, InputFileError
 logger = logging.getLogger(__name__)
 
 
+def check_angpix(angpix: float | None) -> None:
+    """Refuse an ``--angpix`` that is not a finite positive number (``None`` means: from the header).
+
+    Written as ``not (finite and > 0)``: NaN and infinity would pass a plain ``> 0`` test.
+    """
+    if angpix is not None and not (math.isfinite(angpix) and angpix > 0):
+        raise InputError(f"--angpix {angpix} must be a finite positive number of Angstrom", None,
+                         "e.g. --angpix 1.06")
+
+
 def read_map(path: str, angpix: float | None) -> tuple[np.ndarray, float]:
     """Read a cubic map and its voxel size (``angpix`` overrides the header).
 
     Raises
     ------
+    InputError
+        ``angpix`` is not a finite positive number.
     InputFileError
-        Unreadable or non-cubic map, or no voxel size in the header and no ``--angpix``.
+        Unreadable or non-cubic map, or no valid voxel size in the header and no ``--angpix``.
     """
     from numba_recon.io.mrc import read_volume
 
+    check_angpix(angpix)
     volume, header_angpix = read_volume(path)
     if angpix is not None:
-        if not angpix > 0:
-            raise InputError(f"--angpix {angpix} must be a positive number of Angstrom", None, "e.g. --angpix 1.06")
         return volume, float(angpix)
-    if not header_angpix > 0:
+    if header_angpix is None or not (math.isfinite(header_angpix) and header_angpix > 0):
         raise InputFileError("the header does not give the voxel size", path, "pass --angpix")
     return volume, float(header_angpix)
 
@@ -89,6 +101,7 @@ def fsc(map1: str, map2: str, mask_path: str | None, angpix: float | None, outpu
         plot_path: str | None, overwrite: bool) -> None:
     from numba_recon.evaluate.fsc import FSCCurve, last_shell_above, plot_fsc
 
+    check_angpix(angpix)
     if output and plot_path and os.path.abspath(output) == os.path.abspath(plot_path):
         raise InputError("-o and --plot name the same file", None, "give two different file names")
     out_csv = check_output_file(output, overwrite) if output else None

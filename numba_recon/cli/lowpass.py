@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 
 import click
 
@@ -33,15 +34,17 @@ logger = logging.getLogger(__name__)
 @handle_errors
 def lowpass(map_path: str, resolution_angstrom: float, output: str, edge_width_shells: int,
             angpix: float | None, overwrite: bool) -> None:
-    from numba_recon.cli.fsc import read_map
+    from numba_recon.cli.fsc import check_angpix, read_map
     from numba_recon.evaluate.filters import lowpass as lowpass_filter
     from numba_recon.io.mrc import write_volume
 
-    if not resolution_angstrom > 0:
-        raise InputError(f"--resolution {resolution_angstrom:g} must be a positive number of Angstrom", None,
+    # ``not (finite and > 0)``: NaN and infinity would pass a plain ``> 0`` test.
+    if not (math.isfinite(resolution_angstrom) and resolution_angstrom > 0):
+        raise InputError(f"--resolution {resolution_angstrom:g} must be a finite positive number of Angstrom", None,
                          "e.g. --resolution 8")
     if edge_width_shells < 0:
         raise InputError(f"--edge-width {edge_width_shells} must not be negative", None, "e.g. --edge-width 2")
+    check_angpix(angpix)
     out = check_output_file(output, overwrite)
     volume, pixel = read_map(map_path, angpix)
     if resolution_angstrom < 2 * pixel:

@@ -16,6 +16,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import math
 
 import click
 import numpy as np
@@ -35,8 +36,9 @@ def _parse_threshold(text: str) -> float | None:
     except ValueError:
         raise InputError(f"--threshold {text!r} is neither a number nor 'auto'", None,
                          "e.g. --threshold 0.02 or --threshold auto") from None
-    if not np.isfinite(value):
-        raise InputError(f"--threshold {text!r} is not finite", None, "e.g. --threshold 0.02")
+    if not math.isfinite(value):
+        raise InputError(f"--threshold {text!r} is not a finite number", None,
+                         "e.g. --threshold 0.02 or --threshold auto")
     return value
 
 
@@ -56,17 +58,23 @@ def _parse_threshold(text: str) -> float | None:
 @handle_errors
 def mask(map_path: str, output: str, threshold_text: str, extend_px: float, soft_edge_px: float,
          lowpass_angstrom: float | None, angpix: float | None, overwrite: bool) -> None:
-    from numba_recon.cli.fsc import read_map
+    from numba_recon.cli.fsc import check_angpix, read_map
     from numba_recon.evaluate.filters import lowpass
     from numba_recon.evaluate.mask import auto_threshold, create_mask
     from numba_recon.io.mrc import write_volume
 
     threshold = _parse_threshold(threshold_text)
-    if soft_edge_px < 0:
-        raise InputError(f"--soft-edge {soft_edge_px:g} must not be negative", None, "e.g. --soft-edge 6")
-    if lowpass_angstrom is not None and not lowpass_angstrom > 0:
-        raise InputError(f"--lowpass {lowpass_angstrom:g} must be a positive resolution in Angstrom", None,
+    # ``not (finite and in range)``: NaN and infinity pass a plain ``< 0`` check.
+    if not math.isfinite(extend_px):
+        raise InputError(f"--extend {extend_px:g} is not a finite number of pixels", None,
+                         "e.g. --extend 3 (negative shrinks the mask)")
+    if not (math.isfinite(soft_edge_px) and soft_edge_px >= 0):
+        raise InputError(f"--soft-edge {soft_edge_px:g} must be a finite number of pixels >= 0", None,
+                         "e.g. --soft-edge 6 (0: binary mask)")
+    if lowpass_angstrom is not None and not (math.isfinite(lowpass_angstrom) and lowpass_angstrom > 0):
+        raise InputError(f"--lowpass {lowpass_angstrom:g} must be a finite positive resolution in Angstrom", None,
                          "e.g. --lowpass 15")
+    check_angpix(angpix)
     out = check_output_file(output, overwrite)
     volume, pixel = read_map(map_path, angpix)
     if lowpass_angstrom is not None:

@@ -17,6 +17,8 @@ Examples:
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from numba_recon.cli._common import angpix_option, handle_errors, overwrite_option
@@ -28,7 +30,7 @@ from numba_recon.errors import InputError
 @click.argument("half2", type=click.Path(dir_okay=False))
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
               help="Soft mask (values in [0, 1]) of the particle, e.g. from `numba-recon mask`.")
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
               help="Output folder.")
 @click.option("--bfactor", "bfactor", type=float, default=None,
               help="Sharpen with this B-factor (A^2, negative sharpens) instead of fitting one.")
@@ -51,25 +53,35 @@ def postprocess(half1: str, half2: str, mask_path: str | None, out_dir: str, bfa
                 lowpass_angstrom: float | None, angpix: float | None, autob_lowres: float,
                 autob_highres: float | None, randomize_at_fsc: float, seed: int, force_mask: bool,
                 skip_fsc_weighting: bool, overwrite: bool) -> None:
-    from numba_recon.cli.fsc import read_map_pair, read_mask
-    from numba_recon.evaluate.postprocess import check_postprocess_outputs
+    from numba_recon.cli.fsc import check_angpix, read_map_pair, read_mask
+    from numba_recon.evaluate.postprocess import check_bfactor, check_postprocess_outputs
     from numba_recon.evaluate.postprocess import postprocess as run_postprocess
     from numba_recon.evaluate.postprocess import write_postprocess
 
-    if lowpass_angstrom is not None and not lowpass_angstrom > 0:
-        raise InputError(f"--lowpass {lowpass_angstrom:g} must be a positive resolution in Angstrom", None,
+    # Every check is ``not (finite and in range)``: NaN and infinity pass plain ``> 0`` / ``< 0`` tests
+    # and would end in NaN maps.
+    if bfactor is not None and not math.isfinite(bfactor):
+        raise InputError(f"--bfactor {bfactor:g} is not a finite number", None,
+                         "e.g. --bfactor -80 (negative sharpens), or omit it to fit one")
+    if lowpass_angstrom is not None and not (math.isfinite(lowpass_angstrom) and lowpass_angstrom > 0):
+        raise InputError(f"--lowpass {lowpass_angstrom:g} must be a finite positive resolution in Angstrom", None,
                          "e.g. --lowpass 4")
-    if not autob_lowres > 0:
-        raise InputError(f"--autob-lowres {autob_lowres:g} must be positive", None, "e.g. --autob-lowres 10")
-    if autob_highres is not None and autob_highres < 0:
-        raise InputError(f"--autob-highres {autob_highres:g} must not be negative", None,
+    if not (math.isfinite(autob_lowres) and autob_lowres > 0):
+        raise InputError(f"--autob-lowres {autob_lowres:g} must be a finite positive resolution in Angstrom", None,
+                         "e.g. --autob-lowres 10")
+    if autob_highres is not None and not (math.isfinite(autob_highres) and autob_highres >= 0):
+        raise InputError(f"--autob-highres {autob_highres:g} must be a finite resolution in Angstrom >= 0", None,
                          "give a resolution in Angstrom, or 0 for Nyquist")
+    check_angpix(angpix)
     if not 0 < randomize_at_fsc < 1:
         raise InputError(f"--randomize-at-fsc {randomize_at_fsc:g} must lie between 0 and 1", None,
                          "e.g. --randomize-at-fsc 0.8")
-    check_postprocess_outputs(out_dir, mask_path is not None, overwrite)
+    # Inputs first (cheap), so a bad map or header leaves no empty output folder behind.
     map1, map2, pixel = read_map_pair(half1, half2, angpix)
     mask = read_mask(mask_path, map1.shape) if mask_path else None
+    if bfactor is not None:
+        check_bfactor(bfactor, pixel)
+    check_postprocess_outputs(out_dir, mask_path is not None, overwrite)
     result = run_postprocess(map1, map2, pixel, mask=mask, bfactor=bfactor, lowpass_angstrom=lowpass_angstrom,
                              randomize_at_fsc=randomize_at_fsc, seed=seed, autob_lowres=autob_lowres,
                              autob_highres=-1.0 if autob_highres is None else autob_highres,

@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import click
 import numpy as np
 
@@ -41,6 +43,9 @@ def project(map_path: str, star_path: str, output: str, angpix: float | None, no
 
     if first is not None and first <= 0:
         raise InputError(f"--first must be positive (got {first})", None, "e.g. --first 100")
+    if angpix is not None and not (math.isfinite(angpix) and angpix > 0):  # NaN and inf pass ``> 0`` alone
+        raise InputError(f"--angpix {angpix} must be a finite positive number of Angstrom", None,
+                         "e.g. --angpix 1.06")
     out = check_output_file(output, overwrite)
     volume, voxel = read_volume(map_path)
     particles = read_particles(star_path, angpix=angpix)

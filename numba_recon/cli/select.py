@@ -13,6 +13,8 @@ Examples:
 
 from __future__ import annotations
 
+import math
+
 import click
 import numpy as np
 
@@ -39,8 +41,14 @@ def select(run_data: str, output: str, keep_fraction: float | None, max_score: f
     if chosen != 1:
         raise InputError("give exactly one of --keep-fraction, --max-score or --kept", None,
                          "e.g. --keep-fraction 0.7")
-    if keep_fraction is not None and not 0 < keep_fraction <= 1:
+    if keep_fraction is not None and not 0 < keep_fraction <= 1:  # also refuses NaN
         raise InputError(f"--keep-fraction {keep_fraction} is outside (0, 1]", None, "e.g. --keep-fraction 0.7")
+    if max_score is not None and not math.isfinite(max_score):
+        raise InputError(f"--max-score {max_score} is not a finite number", None,
+                         "give a score from the rlnNumbaReconScore column, e.g. --max-score -0.02")
+    if angpix is not None and not (math.isfinite(angpix) and angpix > 0):
+        raise InputError(f"--angpix {angpix} must be a finite positive number of Angstrom", None,
+                         "e.g. --angpix 1.06")
     out = check_output_file(output, overwrite)
     particles = read_star(run_data, angpix=angpix)
     table = particles.table

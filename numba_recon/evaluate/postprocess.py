@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from numba_recon.evaluate.fsc import (_new_figure, check_mask, check_volume, fsc
                                       last_shell_above, per_shell, plot_fsc, randomize_phases_from_ft, rfft3,
                                       save_figure, shell_resolutions_angstrom, write_fsc_csv)
 
-__all__ = ["PostprocessResult", "postprocess", "write_postprocess", "check_postprocess_outputs", "POSTPROCESS_FILES",
+__all__ = ["PostprocessResult", "postprocess", "check_bfactor", "write_postprocess", "check_postprocess_outputs", "POSTPROCESS_FILES",
            "postprocess_star_text", "plot_guinier"]
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,38 @@ def _warn(result_warnings: list[str], message: str) -> None:
     result_warnings.append(message)
 
 
+# exp() of more than this overflows float64; float32 is the MRC mode the maps are written in.
+_MAX_LOG_GAIN = math.log(np.finfo(np.float64).max)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _finite_above(value: float, lower: float) -> bool:
+    """True if ``value`` is a finite number greater than ``lower``."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(x) and x > lower
+
+
+def check_bfactor(bfactor_angstrom2: float, pixel_size_angstrom: float) -> None:
+    """Refuse a B-factor that is not finite or whose gain ``exp(-(B/4) s^2)`` at Nyquist
+    (``s = 1 / (2 angpix)``) overflows float64, which would turn the sharpened map into inf/NaN.
+
+    Raises
+    ------
+    InputError
+        Naming ``--bfactor``, the problem and a usable range.
+    """
+    b = float(bfactor_angstrom2)
+    if not math.isfinite(b):
+        raise InputError(f"--bfactor {b} is not a finite number", fix="e.g. --bfactor -80, or omit it to fit one")
+    log_gain = -b / 4.0 / (2.0 * float(pixel_size_angstrom)) ** 2
+    if log_gain > _MAX_LOG_GAIN:
+        raise InputError(f"--bfactor {b:g} A^2 amplifies Nyquist by exp({log_gain:.3g}), which overflows",
+                         fix="use a milder sharpening B-factor, e.g. --bfactor -50 to -200")
+
+
 def postprocess(half1: np.ndarray, half2: np.ndarray, pixel_size_angstrom: float,
                 mask: np.ndarray | None = None, bfactor: float | None = None,
                 lowpass_angstrom: float | None = None, randomize_at_fsc: float = 0.8, seed: int = 0,
@@ -183,20 +216,33 @@ def postprocess(half1: np.ndarray, half2: np.ndarray, pixel_size_angstrom: float
     Raises
     ------
     InputError
-        Maps of different or non-cubic shapes, a bad mask, a non-positive pixel size, or an unmasked
-        FSC that never drops below ``randomize_at_fsc``.
+        Maps of different or non-cubic shapes, a bad mask, a non-positive pixel size, a non-finite
+        or out-of-range option, an unmasked FSC that never drops below ``randomize_at_fsc``, or a
+        B-factor so strongly negative that the sharpened map overflows.
     """
     h1 = check_volume(half1, "half map 1")
     h2 = check_volume(half2, "half map 2")
     if h1.shape != h2.shape:
         raise InputError(f"the half maps have different boxes {h1.shape} and {h2.shape}",
                          fix="use the two half maps of one reconstruction")
-    if pixel_size_angstrom is None or not float(pixel_size_angstrom) > 0:
-        raise InputError(f"pixel size {pixel_size_angstrom} must be a positive number of Angstrom",
+    # Every check is ``not (finite and in range)``: NaN and infinity pass plain ``> 0`` tests.
+    if pixel_size_angstrom is None or not _finite_above(pixel_size_angstrom, 0.0):
+        raise InputError(f"pixel size {pixel_size_angstrom} must be a finite positive number of Angstrom",
                          fix="pass --angpix or fix the map header")
     if not 0.0 < float(randomize_at_fsc) < 1.0:
         raise InputError(f"randomize_at_fsc {randomize_at_fsc} must lie between 0 and 1", fix="use e.g. 0.8")
+    if lowpass_angstrom is not None and not _finite_above(lowpass_angstrom, 0.0):
+        raise InputError(f"--lowpass {lowpass_angstrom} must be a finite positive resolution in Angstrom",
+                         fix="e.g. --lowpass 4")
+    if not _finite_above(autob_lowres, 0.0):
+        raise InputError(f"--autob-lowres {autob_lowres} must be a finite positive resolution in Angstrom",
+                         fix="e.g. --autob-lowres 10")
+    if autob_highres is not None and not math.isfinite(float(autob_highres)):
+        raise InputError(f"--autob-highres {autob_highres} is not a finite number",
+                         fix="give a resolution in Angstrom, or 0 for Nyquist")
     angpix = float(pixel_size_angstrom)
+    if bfactor is not None:
+        check_bfactor(bfactor, angpix)
     n = h1.shape[0]
     m = None if mask is None else check_mask(mask, h1.shape)
     warnings: list[str] = []
@@ -300,6 +346,13 @@ def postprocess(half1: np.ndarray, half2: np.ndarray, pixel_size_angstrom: float
     ft *= lowpass_factor(n, applied_lowpass, angpix, 2)
     sharpened = irfft3(ft, n)
     del ft
+    # A map that overflows (or exceeds float32, the MRC mode written) must not be written as a NaN map.
+    peak = float(np.max(np.abs(sharpened))) if sharpened.size else 0.0
+    if not (math.isfinite(peak) and peak <= _FLOAT32_MAX):
+        which = "--bfactor" if bfactor is not None else "the fitted B-factor"
+        raise InputError(f"the sharpened map is not finite ({which} {bfactor_used:g} A^2 amplifies high "
+                         "frequencies beyond the float32 range)",
+                         fix="give a milder --bfactor, e.g. --bfactor -50 to -200")
     masked_map = sharpened * m if m is not None else None
 
     return PostprocessResult(
