@@ -1,4 +1,4 @@
-"""MRC input and output: stack headers, memory-mapped image reads, maps, conformant writers."""
+"""MRC input and output: stack headers, image reads of only the requested images, maps, conformant writers."""
 
 from __future__ import annotations
 
@@ -162,8 +162,12 @@ def test_reader_keeps_a_bounded_lru_of_open_stacks(tmp_path):
     assert reader.n_open == 0
 
 
-def test_reads_are_memory_mapped_not_loaded(tmp_path):
+@pytest.mark.parametrize("pread", [True, False], ids=["preadv", "memory-map"])
+def test_reads_touch_only_the_requested_images(tmp_path, monkeypatch, pread):
     # a 1 GiB stack that exists only as a sparse file: loading it whole would be slow and huge
+    import numba_recon.io.mrc as mrc_module
+
+    monkeypatch.setattr(mrc_module, "READ_WITH_PREAD", pread)
     n, box = 4096, 256
     path = tmp_path / "huge.mrcs"
     _new_stack(path, np.zeros((1, box, box), dtype=np.float32))
@@ -174,11 +178,104 @@ def test_reads_are_memory_mapped_not_loaded(tmp_path):
     with open(path, "r+b") as f:
         f.write(header.tobytes())
         f.truncate(1024 + n * box * box * 4)
+        f.seek(1024 + (n - 1) * box * box * 4)
+        f.write(np.full((box, box), 3.0, np.float32).tobytes())  # the last image, to tell it apart
     assert stack_shape(path) == (n, box, box)
-    reader = StackReader()
-    out = reader.read(np.array([str(path)] * 2, dtype=object), np.array([n - 1, 7]), box)
-    assert out.shape == (2, box, box) and not out.any()
-    assert isinstance(reader._stack(str(path)), np.memmap)
+    with StackReader() as reader:
+        out = reader.read(np.array([str(path)] * 2, dtype=object), np.array([n - 1, 7]), box)
+    assert out.shape == (2, box, box)
+    assert (out[0] == 3.0).all() and not out[1].any()
+
+
+def test_extended_header_and_big_endian_layout_are_kept(tmp_path, rng):
+    """The data offset (after an extended header) and the byte order come from the validated header."""
+    images = rng.standard_normal((3, 8, 8)).astype(">f4")
+    path = tmp_path / "ext.mrcs"
+    with mrcfile.new(path) as mrc:
+        mrc.set_extended_header(np.zeros(40, dtype=np.uint8))
+        mrc.set_data(images)
+        mrc.set_image_stack()
+    assert mrc_header(path).data_offset == 1024 + 40
+    reader = StackReader(max_open=1)
+    for _ in range(2):  # first open, then a reopen from the kept layout
+        out = reader.read(np.array([str(path)], dtype=object), np.array([2]), 8)
+        np.testing.assert_array_equal(out[0], images[2].astype(np.float32))
+        reader.read(np.array([str(STACK_A)], dtype=object), np.array([0]), 16)  # evicts ext.mrcs
+
+
+def test_reopening_an_evicted_stack_does_not_validate_it_again(tmp_path, monkeypatch):
+    import numba_recon.io.mrc as mrc_module
+
+    paths = [_new_stack(tmp_path / f"s{k}.mrcs", np.full((2, 8, 8), k, dtype=np.float32)) for k in range(3)]
+    calls: list[str] = []
+    real = mrc_module.mrc_header
+    monkeypatch.setattr(mrc_module, "mrc_header", lambda p: calls.append(os.fspath(p)) or real(p))
+    reader = StackReader(max_open=1)
+    for _ in range(3):
+        for k, p in enumerate(paths):
+            assert reader.read(np.array([str(p)], dtype=object), np.array([1]), 8)[0, 0, 0] == k
+            assert reader.n_open == 1
+    assert sorted(calls) == sorted(str(p) for p in paths)  # one validation per stack, 9 opens
+    # a stack rewritten since it was validated (another size) is validated again
+    _new_stack(paths[0], np.full((3, 8, 8), 7, dtype=np.float32))
+    assert reader.read(np.array([str(paths[0])], dtype=object), np.array([2]), 8)[0, 0, 0] == 7
+    assert calls.count(str(paths[0])) == 2
+    # ... and refused if it became unreadable
+    reader.read(np.array([str(paths[1])], dtype=object), np.array([0]), 8)
+    paths[0].write_bytes(paths[0].read_bytes()[:1500])
+    with pytest.raises(InputFileError, match="truncated"):
+        reader.read(np.array([str(paths[0])], dtype=object), np.array([0]), 8)
+    assert reader.n_open == 1  # the failed open left no file descriptor behind
+    reader.close()
+
+
+def test_default_open_stacks_is_a_quarter_of_the_file_limit(monkeypatch):
+    import resource
+
+    from numba_recon.io.mrc import default_max_open
+
+    for soft, expected in [(1024, 256), (20000, 5000), (100, 64), (10**7, 16384),
+                           (resource.RLIM_INFINITY, 16384)]:
+        monkeypatch.setattr(resource, "getrlimit", lambda which, soft=soft: (soft, resource.RLIM_INFINITY))
+        assert default_max_open() == expected, soft
+        assert StackReader().max_open == expected
+    monkeypatch.undo()
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY:
+        assert StackReader().max_open >= 64 and StackReader().max_open <= max(64, soft // 4)
+
+
+def test_volume_stack_is_not_an_image_stack(tmp_path):
+    path = _new_stack(tmp_path / "vstack.mrcs", np.zeros((4, 8, 8), dtype=np.float32))
+    with mrcfile.open(path, mode="r+", permissive=True) as mrc:
+        mrc.header.ispg = 401
+        mrc.header.mz = 2
+    with pytest.raises(InputFileError, match="stack of 3D volumes"):
+        StackReader().read(np.array([str(path)], dtype=object), np.array([0]), 8)
+
+
+@pytest.mark.parametrize("field", ["mx", "my", "mz"])
+def test_zero_sampling_gives_an_unknown_voxel_size(tmp_path, field):
+    path = tmp_path / "zero_m.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(np.zeros((4, 4, 4), dtype=np.float32))
+        mrc.voxel_size = 1.5
+    with mrcfile.open(path, mode="r+", permissive=True) as mrc:
+        setattr(mrc.header, field, 0)
+    voxel = mrc_header(path).voxel_size_angstrom
+    assert voxel == tuple(0.0 if axis == field[1] else 1.5 for axis in "xyz")
+    volume, voxel_size = read_volume(path)
+    assert volume.shape == (4, 4, 4) and voxel_size == 0.0  # unknown on one axis: unknown
+
+
+def test_negative_cell_gives_an_unknown_voxel_size(tmp_path):
+    path = tmp_path / "negative.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(np.zeros((4, 4, 4), dtype=np.float32))
+        mrc.voxel_size = 1.5
+    with mrcfile.open(path, mode="r+", permissive=True) as mrc:
+        mrc.header.cella.x = -6.0
+    assert mrc_header(path).voxel_size_angstrom == (0.0, 1.5, 1.5)
 
 
 def test_particle_set_read_images_uses_the_reader():

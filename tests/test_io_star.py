@@ -296,6 +296,80 @@ def test_stacks_of_different_box_sizes_are_refused(tmp_path):
         read_star(path)
 
 
+@pytest.mark.parametrize("block", ["optics", "particles"])
+def test_repeated_label_names_the_column_and_the_block(tmp_path, block):
+    """starfile keeps both columns of a repeated label; a lookup would then get a table, not a column."""
+    optics = _optics()
+    particles = _particles(BASIC, _basic_rows())
+    if block == "optics":
+        optics = optics.replace("_rlnVoltage\n", "_rlnVoltage\n_rlnVoltage\n").replace(" 300.0 ", " 300.0 300.0 ")
+    else:
+        particles = _particles(BASIC + ["rlnAngleTilt"], [r + " 60" for r in _basic_rows()])
+    path = _write(tmp_path, optics + particles)
+    label = "rlnVoltage" if block == "optics" else "rlnAngleTilt"
+    with pytest.raises(InputFileError, match=f"column _{label} appears more than once in data_{block}"):
+        read_star(path)
+    with pytest.raises(InputFileError, match="appears more than once"):
+        read_star(path, permissive=True)  # not a row problem: no particle can be read right
+
+
+def test_repeated_data_blocks_are_refused(tmp_path):
+    """Two files joined with cat: starfile keeps the last block of each name, dropping particles."""
+    one = _optics() + _particles(BASIC, _basic_rows())
+    path = _write(tmp_path, one + one)
+    with pytest.raises(InputFileError, match="data block data_optics appears more than once") as err:
+        read_star(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    path = _write(tmp_path, _optics() + _particles(BASIC, _basic_rows()) + _particles(BASIC, _basic_rows()))
+    with pytest.raises(InputFileError, match="data block data_particles appears more than once"):
+        read_star(path)
+    # an empty block of the same name just before the table is harmless ...
+    path = _write(tmp_path, _optics() + "\ndata_particles\n" + _particles(BASIC, _basic_rows()))
+    assert len(read_star(path)) == 2
+    # ... but one of another name would lend its name to the next table
+    path = _write(tmp_path, "data_particles\n\n" + _optics() + _particles(BASIC, _basic_rows()))
+    with pytest.raises(InputFileError, match="data block data_particles is empty and followed by data_optics"):
+        read_star(path)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    # the origin in pixels, rlnOriginXAngst / 1e-320 A, overflows to infinity
+    ("300.0 1.5 16", "300.0 1e-320 16", r"origin \(inf, -inf\) px is not finite .*\(particle row 1, 2 rows in all\)"),
+    ("300.0 1.5 16", "300.0 -1.5 16", r"pixel size from rlnImagePixelSize is not positive \(-1.5 A\)"),
+])
+def test_pixel_sizes_that_overflow_or_are_not_positive(tmp_path, old, new, message):
+    rows = [f"{k}@{STACK_A} 30 60 90 15000 1 2.0 -3.0" for k in (1, 2)]
+    text = _optics().replace(old, new) + _particles(BASIC + ["rlnOriginXAngst", "rlnOriginYAngst"], rows)
+    path = _write(tmp_path, text)
+    with pytest.raises(InputFileError, match=message):
+        read_star(path)
+
+
+def test_detector_pixel_size_that_overflows(tmp_path):
+    text = (DATA / "relion30.star").read_text().replace(" 6.0 40000.0", " 1e308 40000.0", 1)
+    path = _write(tmp_path, text.replace("Particles/", str(DATA / "Particles") + "/"))
+    message = (r"pixel size from rlnDetectorPixelSize/rlnMagnification is not finite \(inf A\) "
+               r"\(particle row 1\)")
+    with pytest.raises(InputFileError, match=message):
+        read_star(path)
+    with pytest.warns(RuntimeWarning, match="skipped 1 of 3 particles"):
+        p = read_star(path, permissive=True)
+    assert len(p) == 2 and p.pixel_size_angstrom == 1.5
+
+
+@pytest.mark.parametrize("label, value", [("rlnRandomSubset", "1e308"), ("rlnRandomSubset", "4294967297"),
+                                          ("rlnClassNumber", "-1e300")])
+def test_huge_integers_are_reported_with_their_value(tmp_path, label, value):
+    """Not as the wrapped-around result of a cast to int64 (-9223372036854775808)."""
+    rows = [f"1@{STACK_A} 30 60 90 15000 1 1", f"2@{STACK_A} 30 60 90 15000 1 {value}"]
+    path = _write(tmp_path, _optics() + _particles(BASIC + [label], rows))
+    with pytest.raises(InputFileError) as err:
+        read_star(path)
+    text = str(err.value)
+    assert f"{label} {float(value)} is out of range" in text and "particle row 2" in text, text
+    assert "9223372036854775808" not in text
+
+
 # ---- writing -------------------------------------------------------------------------------
 
 def _assert_same_particles(a, b):

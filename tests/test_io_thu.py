@@ -125,6 +125,43 @@ def test_bad_values(tmp_path, column, value, message):
         read_thu(path, angpix=1.5)
 
 
+@pytest.mark.parametrize("column, value, message", [
+    (3, "1e307", r"DEFOCUS_THETA in degrees is not finite \(inf deg\) \(line 29\)"),
+    (6, "-1e307", r"PHASE_SHIFT in degrees is not finite \(-inf deg\) \(line 29\)"),
+    (24, "1e300", r"DEFOCUS_U x DEFOCUS_FACTOR is not finite \(inf A\) \(line 29\)"),
+    (20, "1.7e308", r"TRANSLATION_X x pixel size is not finite \(-inf A\) \(line 29\)"),
+], ids=["defocus-angle", "phase-shift", "defocus-factor", "translation"])
+def test_values_that_overflow_when_converted(tmp_path, column, value, message):
+    path = _thu_with(tmp_path, column, value)
+    if column == 24:  # DEFOCUS_U 1e300 x DEFOCUS_FACTOR 1e300
+        text = path.read_text().splitlines()
+        idx = [k for k, t in enumerate(text) if t.strip() and "#" not in t][1]
+        tokens = text[idx].split()
+        tokens[1] = "1e300"
+        text[idx] = " ".join(tokens)
+        path.write_text("\n".join(text) + "\n")
+    with pytest.raises(InputFileError, match=message):
+        read_thu(path, angpix=1.5)
+    with pytest.warns(RuntimeWarning, match="skipped 1 of 3 particles"):
+        p = read_thu(path, angpix=1.5, permissive=True)
+    assert len(p) == 2 and all(np.isfinite(v).all() for v in p.ctf.values())
+    assert np.isfinite(p.table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()).all()
+
+
+def test_huge_quaternion_gives_the_right_rotation(tmp_path):
+    """Quaternions are normalised after scaling: (1e200, 1e200, 0, 0) is a 90 degree turn about x."""
+    path = _thu_with(tmp_path, 13, "1e200")
+    text = path.read_text().splitlines()
+    idx = [k for k, t in enumerate(text) if t.strip() and "#" not in t][1]
+    tokens = text[idx].split()
+    tokens[13:17] = ["1e200", "1e200", "0", "0"]
+    text[idx] = " ".join(tokens)
+    path.write_text("\n".join(text) + "\n")
+    p = read_thu(path, angpix=1.5)
+    np.testing.assert_allclose(p.rotations[1].T, quaternion_to_rotation(np.array([1.0, 1.0, 0.0, 0.0])),
+                               atol=1e-12)
+
+
 def test_zero_quaternion_is_refused(tmp_path):
     path = _thu_with(tmp_path, 13, "0")
     for c in (14, 15, 16):

@@ -1,8 +1,8 @@
 """MRC images, stacks and maps (via ``mrcfile``), strict by default.
 
 Arrays are indexed ``[n, y, x]`` (stacks) and ``[z, y, x]`` (maps), x being the column, as
-``mrcfile`` returns them. Stacks are memory-mapped and only the requested images are read, so data
-sets far larger than memory work. Every problem a user can cause (missing, truncated or corrupt
+``mrcfile`` returns them. Only the requested images of a stack are read, so data sets far larger
+than memory work. Every problem a user can cause (missing, truncated or corrupt
 file, NaN pixels, wrong shape) raises :class:`~numba_recon.errors.InputFileError` naming the file.
 
 Writers produce files that ``mrcfile.validate`` accepts and that RELION and ChimeraX read with the
@@ -13,12 +13,12 @@ statistics filled in.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import mrcfile
 import numpy as np
@@ -30,6 +30,7 @@ from numba_recon.io import atomic_output
 __all__ = [
     "MAX_OPEN_STACKS",
     "StackReader",
+    "default_max_open",
     "factorize_paths",
     "mrc_header",
     "read_volume",
@@ -38,10 +39,32 @@ __all__ = [
     "write_volume",
 ]
 
-#: Stacks kept open (memory-mapped) at once by :class:`StackReader`, well below ``ulimit -n``.
-MAX_OPEN_STACKS = 64
-
 _HEADER_BYTES = 1024
+# bounds of the default number of stacks a StackReader keeps open
+_MIN_OPEN = 64
+_MAX_OPEN = 16384
+
+
+def default_max_open() -> int:
+    """Stacks a :class:`StackReader` keeps open by default: a quarter of the soft ``RLIMIT_NOFILE``.
+
+    Large data sets have thousands of stacks; every stack beyond the cache is reopened for each
+    minibatch that touches it. A quarter of the per-process limit leaves room for the other files
+    of the run (MPI, HDF5, logs). At least 64 (also where the limit cannot be read), at most 16384.
+    """
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # no resource module (Windows)
+        return _MIN_OPEN
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return _MAX_OPEN
+    return int(min(_MAX_OPEN, max(_MIN_OPEN, soft // 4)))
+
+
+#: Stacks kept open at once by :class:`StackReader` by default (see :func:`default_max_open`).
+MAX_OPEN_STACKS = default_max_open()
 _REEXTRACT = "re-copy the file or re-extract the particles"
 
 
@@ -58,7 +81,10 @@ class MrcHeader:
     ispg
         Space group: 0 for image stacks, 1 for single maps (not trusted to tell them apart).
     voxel_size_angstrom
-        ``(x, y, z)`` voxel size from ``cella / (mx, my, mz)``; 0 where the header has none.
+        ``(x, y, z)`` voxel size from ``cella / (mx, my, mz)``; 0 where the header has none (or
+        one that is not a positive finite number, e.g. ``mx = 0``).
+    data_offset
+        Byte offset of the first data value: the 1024-byte header plus the extended header.
     """
 
     nx: int
@@ -67,6 +93,7 @@ class MrcHeader:
     dtype: np.dtype
     ispg: int
     voxel_size_angstrom: tuple[float, float, float]
+    data_offset: int = _HEADER_BYTES
 
 
 def _first_line(err: BaseException) -> str:
@@ -93,7 +120,8 @@ def mrc_header(path: str | os.PathLike) -> MrcHeader:
             warnings.simplefilter("ignore")  # strict mode raises on real problems; hide cosmetic warnings
             with mrcfile.open(p, mode="r", header_only=True, permissive=False) as mrc:
                 header = mrc.header.copy()
-                voxel = mrc.voxel_size
+                with np.errstate(divide="ignore", invalid="ignore"):  # mx = 0: handled by _voxel
+                    voxel = mrc.voxel_size
     except (ValueError, OSError, EOFError) as err:
         raise InputFileError(f"not a readable MRC file ({_first_line(err)})", p,
                              f"check that it is a complete MRC file; {_REEXTRACT}") from None
@@ -115,7 +143,18 @@ def mrc_header(path: str | os.PathLike) -> MrcHeader:
             f"file is truncated: its header declares {nz} x {ny} x {nx} values of {dtype.name} "
             f"({expected} bytes) but the file has {actual} bytes", p, _REEXTRACT)
     return MrcHeader(nx=nx, ny=ny, nz=nz, dtype=dtype, ispg=int(header.ispg),
-                     voxel_size_angstrom=(float(voxel.x), float(voxel.y), float(voxel.z)))
+                     voxel_size_angstrom=(_voxel(voxel.x), _voxel(voxel.y), _voxel(voxel.z)),
+                     data_offset=_HEADER_BYTES + int(header.nsymbt))
+
+
+def _voxel(value: object) -> float:
+    """A voxel size from ``cella / m``, or 0 ("not set") when it is not a positive finite number.
+
+    ``m = 0`` (a corrupt or hand-made header) gives infinity or NaN, a negative ``cella`` a
+    negative size; callers treat 0 as missing and ask for the pixel size instead.
+    """
+    v = float(value)
+    return v if math.isfinite(v) and v > 0 else 0.0
 
 
 def factorize_paths(paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,18 +190,109 @@ def stack_shape(path: str | os.PathLike) -> tuple[int, int, int]:
     return h.nz, h.ny, h.nx
 
 
-class StackReader:
-    """Reads particle images from many MRC stacks through memory maps.
+#: Read images with ``os.preadv`` (True) or by indexing a memory map of the stack (False, and where
+#: the platform has no ``preadv``). Reading through the map leaves every touched page mapped into the
+#: process until the kernel reclaims it; with large page-cache folios one image read maps up to a
+#: few MB, so the resident set grows with the data read, not with the batch.
+READ_WITH_PREAD = hasattr(os, "preadv")
 
-    Stacks are opened lazily with ``mrcfile.mmap(path, mode="r", permissive=False)`` and kept in
-    a least-recently-used cache of at most ``max_open`` files (data sets can have thousands of
-    stacks). Reads are grouped by stack and sorted by index so each stack is read sequentially;
-    only the requested images are touched.
+
+@dataclass(frozen=True, slots=True)
+class _StackLayout:
+    """Where the images of a validated stack are: enough to read them without parsing the header."""
+
+    offset: int  # first data byte (after the extended header)
+    shape: tuple[int, int, int]  # (n_images, ny, nx)
+    dtype: np.dtype  # as stored, byte order included
+    identity: tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns) of the validated file
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class _OpenStack:
+    """An open stack: its file descriptor, its layout, and a memory map made only when needed."""
+
+    __slots__ = ("fd", "layout", "_map", "_data")
+
+    def __init__(self, fd: int, layout: _StackLayout) -> None:
+        self.fd = fd
+        self.layout = layout
+        self._map = None
+        self._data: np.ndarray | None = None
+
+    def mapped(self) -> np.ndarray:
+        """The ``(n, ny, nx)`` images as a read-only memory map (for ``READ_WITH_PREAD = False``)."""
+        if self._data is None:
+            import mmap
+
+            self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            self._data = np.ndarray(self.layout.shape, dtype=self.layout.dtype, buffer=self._map,
+                                    offset=self.layout.offset)
+        return self._data
+
+    def close(self) -> None:
+        self._data = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still alive somewhere; the map goes with it
+                pass
+            self._map = None
+        os.close(self.fd)
+
+
+def _pread_images(fd: int, path: str, layout: _StackLayout, wanted: np.ndarray) -> np.ndarray:
+    """Images ``wanted`` (sorted, 0-based) of a stack with ``layout``, read with ``preadv``.
+
+    Consecutive indices are read in one call. Returns ``(len(wanted), ny, nx)`` in the file's dtype.
+
+    Raises
+    ------
+    InputFileError
+        The file is shorter than its header says (it changed after it was opened).
+    """
+    _, ny, nx = layout.shape
+    buf = np.empty((wanted.size, ny, nx), dtype=layout.dtype)
+    image_bytes = ny * nx * layout.dtype.itemsize
+    breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+    for run in np.split(np.arange(wanted.size), breaks):
+        first, count = int(wanted[run[0]]), run.size
+        view = memoryview(buf[run[0]:run[0] + count]).cast("B")
+        start = layout.offset + first * image_bytes
+        got = os.preadv(fd, [view], start)
+        while 0 < got < len(view):  # a short read is legal; continue where it stopped
+            more = os.preadv(fd, [view[got:]], start + got)
+            if more == 0:
+                break
+            got += more
+        if got != len(view):
+            raise InputFileError(f"image {first + 1} could not be read (file shorter than its header says)",
+                                 path, _REEXTRACT)
+    return buf
+
+
+class StackReader:
+    """Reads particle images from many MRC stacks, only the images asked for.
+
+    The first time a stack is used its header is validated (:func:`mrc_header`: missing, corrupt,
+    truncated or unsupported files raise) and its layout (data offset, shape, dtype and byte
+    order) is kept for the life of the reader, a few hundred bytes per stack. Open stacks are kept
+    in a least-recently-used cache of at most ``max_open`` file descriptors (data sets can have
+    thousands of stacks); reopening an evicted stack is one ``os.open`` plus an ``fstat`` that
+    checks the file is still the one validated (same inode, size and modification time; otherwise
+    it is validated again). Reads are grouped by stack and sorted by index so each stack is read
+    sequentially. The bytes are read with ``os.preadv`` into a buffer of the batch's size (see
+    :data:`READ_WITH_PREAD`), so the process's resident memory does not grow with the amount of
+    data read (file pages read through a map stay counted in its RSS, which batch systems may
+    enforce).
 
     Parameters
     ----------
     max_open
-        Maximum number of stacks kept open.
+        Maximum number of stacks kept open; default :func:`default_max_open` (a quarter of the
+        open-file limit, at least 64).
 
     Examples
     --------
@@ -170,11 +300,14 @@ class StackReader:
     ...     images = reader.read(particles.stack_paths[:8], particles.stack_indices[:8], 128)
     """
 
-    def __init__(self, max_open: int = MAX_OPEN_STACKS) -> None:
+    def __init__(self, max_open: int | None = None) -> None:
+        if max_open is None:
+            max_open = default_max_open()
         if max_open < 1:
             raise ValueError("max_open must be >= 1")
         self.max_open = int(max_open)
-        self._open: OrderedDict[str, tuple[Any, np.ndarray]] = OrderedDict()
+        self._open: OrderedDict[str, _OpenStack] = OrderedDict()
+        self._layouts: dict[str, _StackLayout] = {}
 
     def __enter__(self) -> "StackReader":
         return self
@@ -189,7 +322,7 @@ class StackReader:
             pass
 
     def __getstate__(self) -> dict:
-        return {"max_open": self.max_open}  # open memory maps do not travel; reopened on demand
+        return {"max_open": self.max_open}  # open files do not travel; reopened (and revalidated) on demand
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["max_open"])
@@ -200,36 +333,45 @@ class StackReader:
         return len(self._open)
 
     def close(self) -> None:
-        """Close every open stack."""
+        """Close every open stack (their validated layouts are kept)."""
         while self._open:
-            _, (mrc, _) = self._open.popitem(last=False)
-            mrc.close()
+            _, stack = self._open.popitem(last=False)
+            stack.close()
 
-    def _stack(self, path: str) -> np.ndarray:
-        """The memory-mapped ``(n, ny, nx)`` data of one stack, opening it if needed."""
+    def _stack(self, path: str) -> _OpenStack:
+        """The open stack at ``path``, opening (and on first use validating) it if needed."""
         entry = self._open.get(path)
         if entry is not None:
             self._open.move_to_end(path)
-            return entry[1]
-        mrc_header(path)  # missing / corrupt / truncated -> InputFileError naming the file
+            return entry
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mrc = mrcfile.mmap(path, mode="r", permissive=False)
-        except (ValueError, OSError) as err:
-            raise InputFileError(f"cannot memory-map the MRC file ({_first_line(err)})", path,
-                                 f"check that it is a complete MRC file; {_REEXTRACT}") from None
-        data = mrc.data
-        if data is None or data.ndim not in (2, 3):
-            mrc.close()
-            raise InputFileError("is not a 2D image or an image stack", path, "give an .mrcs stack of 2D images")
-        if data.ndim == 2:
-            data = data[np.newaxis]
-        self._open[path] = (mrc, data)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as err:
+            mrc_header(path)  # missing file or folder: the usual message
+            raise InputFileError(f"cannot open the file ({err.strerror})", path,
+                                 "check the path and permissions") from None
+        try:
+            identity = _identity(os.fstat(fd))
+            layout = self._layouts.get(path)
+            if layout is None or layout.identity != identity:
+                layout = self._validate(path, identity)
+                self._layouts[path] = layout
+        except BaseException:
+            os.close(fd)
+            raise
+        entry = self._open[path] = _OpenStack(fd, layout)
         while len(self._open) > self.max_open:
-            _, (old, _) = self._open.popitem(last=False)
+            _, old = self._open.popitem(last=False)
             old.close()
-        return data
+        return entry
+
+    @staticmethod
+    def _validate(path: str, identity: tuple[int, int, int, int]) -> _StackLayout:
+        h = mrc_header(path)  # missing / corrupt / truncated -> InputFileError naming the file
+        if 401 <= h.ispg <= 630:  # MRC volume stack: (n, z, y, x)
+            raise InputFileError(f"is a stack of 3D volumes (space group {h.ispg}), not of 2D images", path,
+                                 "give an .mrcs stack of 2D images")
+        return _StackLayout(offset=h.data_offset, shape=(h.nz, h.ny, h.nx), dtype=h.dtype, identity=identity)
 
     def read(self, stack_paths: np.ndarray, indices: np.ndarray, box_size: int,
              out: np.ndarray | None = None) -> np.ndarray:
@@ -271,10 +413,11 @@ class StackReader:
             return out
         group, unique_paths = factorize_paths(paths)
         for g, path in enumerate(unique_paths):
+            path = str(path)
             rows = np.flatnonzero(group == g)
             rows = rows[np.argsort(idx[rows], kind="stable")]  # sequential reads within a stack
-            data = self._stack(str(path))
-            n_images, ny, nx = data.shape
+            stack = self._stack(path)
+            n_images, ny, nx = stack.layout.shape
             if (ny, nx) != (N, N):
                 raise InputFileError(f"images are {ny} x {nx} pixels, expected {N} x {N}", path,
                                      "use stacks with one box size matching rlnImageSize")
@@ -283,7 +426,10 @@ class StackReader:
                 bad = wanted[-1] if wanted[-1] >= n_images else wanted[0]
                 raise InputFileError(f"image {bad + 1} requested but the stack holds {n_images} images", path,
                                      "check the index@stack entries of the particle file")
-            out[rows] = data[wanted]  # fancy index on the memmap reads only these images
+            if READ_WITH_PREAD:
+                out[rows] = _pread_images(stack.fd, path, stack.layout, wanted)  # converts type and byte order
+            else:
+                out[rows] = stack.mapped()[wanted]  # fancy index on the map reads only these images
             finite = np.isfinite(out[rows]).all(axis=(1, 2))
             if not finite.all():
                 first = int(wanted[np.flatnonzero(~finite)[0]])
@@ -303,7 +449,8 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     volume
         ``(N, N, N)`` float32, C-contiguous, native byte order, indexed ``[z, y, x]``.
     voxel_size_angstrom
-        From the header (``cella.x / mx``); 0.0 when the header does not set it.
+        From the header (``cella.x / mx``); 0.0 when the header does not set it for every axis
+        (callers then need the voxel size from elsewhere).
 
     Raises
     ------
@@ -317,7 +464,9 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float]:
         raise InputFileError(f"is not a cubic 3D map (shape {h.nz} x {h.ny} x {h.nx})", p,
                              "give a 3D map with equal sides (pad or crop it to a cube)")
     vx, vy, vz = h.voxel_size_angstrom
-    if vx > 0 and (abs(vy - vx) > 1e-3 * vx or abs(vz - vx) > 1e-3 * vx):
+    if min(vx, vy, vz) <= 0:  # one axis without a voxel size: the header does not give it
+        vx = 0.0
+    elif abs(vy - vx) > 1e-3 * vx or abs(vz - vx) > 1e-3 * vx:
         raise InputFileError(f"voxels are not cubic ({vx:g} x {vy:g} x {vz:g} A)", p,
                              "resample the map to cubic voxels")
     try:

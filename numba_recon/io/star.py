@@ -333,9 +333,55 @@ def _star_version(path: Path) -> int:
     return int(m.group(1)) if m else 30000
 
 
+def _check_block_names(path: Path) -> None:
+    """Refuse data blocks that ``starfile`` would silently lose or misname.
+
+    ``starfile`` keeps only the last block of each name, so ``cat a.star b.star`` would drop the
+    particles of the first file; and a ``data_`` line with no table before the next ``data_`` line
+    gives its name to the next block's table. Blocks are found as ``starfile`` finds them: a line
+    starting with ``data_`` (after blanks) names a block, whose table starts at the next ``loop_``
+    or ``_label`` line.
+
+    Raises
+    ------
+    InputFileError
+        A block name appears twice with a table, or an empty block precedes a block of another name.
+    """
+    seen: set[bytes] = set()
+    name: bytes | None = None
+    pending = False  # a data_ line whose table has not started yet
+
+    def text(b: bytes) -> str:
+        return b.decode("utf-8", errors="replace")
+
+    try:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f):
+                line = raw.strip()
+                if number == 0 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+                    line = line[3:].strip()
+                if line.startswith(b"data_"):
+                    if pending and line[5:] != name:
+                        raise InputFileError(f"data block data_{text(name)} is empty and followed by "
+                                             f"data_{text(line[5:])}", path,
+                                             f"remove the empty data_{text(name)} line")
+                    name, pending = line[5:], True
+                elif pending and (line.startswith(b"_") or line.startswith(b"loop_")):
+                    pending = False
+                    if name in seen:
+                        raise InputFileError(f"data block data_{text(name)} appears more than once (two STAR "
+                                             "files joined?); only the last one would be read", path,
+                                             "combine particle files with relion_star_handler --combine, "
+                                             "or keep one block of each name")
+                    seen.add(name)
+    except OSError as err:
+        raise InputFileError(f"cannot read the file ({err.strerror})", path, "check the path and permissions") from None
+
+
 def _parse_blocks(path: Path) -> dict:
     import starfile
 
+    _check_block_names(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -449,11 +495,23 @@ def _numbers(table: pd.DataFrame, label: str, rows: RowProblems) -> np.ndarray:
     return values
 
 
+# integer labels (optics group, half set, class, box) beyond RELION's 32-bit int are refused
+_INT_LIMIT = 2**31 - 1
+
+
 def _integers(table: pd.DataFrame, label: str, rows: RowProblems) -> np.ndarray:
+    """Column ``label`` as int64; non-integers and values beyond 32-bit integers reported.
+
+    Reported rows come back as 0 (never as the wrapped-around result of an overflowing cast).
+    """
     values = _numbers(table, label, rows)
     rows.report(np.isfinite(values) & (values != np.round(values)),
-                lambda i: f"{label} must be an integer (found {values[i]})", f"write {label} as whole numbers")
-    return np.where(np.isfinite(values), np.round(values), 0).astype(np.int64)
+                lambda i: f"{label} must be an integer (found {float(values[i])})", f"write {label} as whole numbers")
+    rows.report(np.isfinite(values) & (np.abs(values) > _INT_LIMIT),
+                lambda i: f"{label} {float(values[i])} is out of range (beyond +-{_INT_LIMIT})",
+                f"correct {label}")
+    ok = np.isfinite(values) & (np.abs(values) <= _INT_LIMIT)
+    return np.where(ok, np.round(np.where(ok, values, 0.0)), 0).astype(np.int64)
 
 
 def read_star(path: str | os.PathLike, *, angpix: float | None = None, root: str | os.PathLike | None = None,
@@ -498,6 +556,11 @@ def read_star(path: str | os.PathLike, *, angpix: float | None = None, root: str
     version = _star_version(path)
     optics, particles, block = _pick_tables(_parse_blocks(path), path)
     where = f"data_{block}"
+    for frame, name in ((optics, "data_optics"), (particles, where)):
+        if frame is not None and frame.columns.duplicated().any():
+            label = str(frame.columns[frame.columns.duplicated()][0])
+            raise InputFileError(f"column _{label} appears more than once in {name}", path,
+                                 f"remove the repeated _{label} label and its values from {name}")
     n = len(particles)
     if n == 0:
         raise InputFileError(f"particle table {where} is empty", path, "give a STAR file with at least one particle")
@@ -536,12 +599,14 @@ def read_star(path: str | os.PathLike, *, angpix: float | None = None, root: str
     elif "rlnDetectorPixelSize" in table.columns and "rlnMagnification" in table.columns:
         det = _numbers(table, "rlnDetectorPixelSize", rows)
         mag = _numbers(table, "rlnMagnification", rows)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # reported below
             file_px = 10000.0 * det / mag
         px_source = "rlnDetectorPixelSize/rlnMagnification"
     if file_px is not None:
-        rows.report(~(file_px > 0) & np.isfinite(file_px),
-                    lambda i: f"pixel size from {px_source} is not positive ({file_px[i]})",
+        # the derived size can be 0 or infinite from finite inputs (1e308 / 1e-3)
+        rows.report(~(np.isfinite(file_px) & (file_px > 0)),
+                    lambda i: (f"pixel size from {px_source} is not "
+                               f"{'positive' if np.isfinite(file_px[i]) else 'finite'} ({file_px[i]:g} A)"),
                     "correct the pixel size in the file or pass --angpix")
     elif angpix is None:
         raise InputFileError("has no pixel size (no rlnImagePixelSize, nor rlnDetectorPixelSize and "
@@ -554,7 +619,7 @@ def read_star(path: str | os.PathLike, *, angpix: float | None = None, root: str
             raise InputFileError("has only one of rlnOriginXAngst and rlnOriginYAngst", path,
                                  "give both origin columns")
         origin_px = file_px if file_px is not None else np.full(n, float(angpix))
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # reported below
             shifts_px[:, 0] = _numbers(table, "rlnOriginXAngst", rows) / origin_px
             shifts_px[:, 1] = _numbers(table, "rlnOriginYAngst", rows) / origin_px
     elif "rlnOriginX" in table.columns or "rlnOriginY" in table.columns:
@@ -562,6 +627,11 @@ def read_star(path: str | os.PathLike, *, angpix: float | None = None, root: str
             raise InputFileError("has only one of rlnOriginX and rlnOriginY", path, "give both origin columns")
         shifts_px[:, 0] = _numbers(table, "rlnOriginX", rows)
         shifts_px[:, 1] = _numbers(table, "rlnOriginY", rows)
+    # rlnOriginXAngst / a tiny pixel size overflows to infinity
+    rows.report(~np.isfinite(shifts_px).all(axis=1),
+                lambda i: (f"origin ({shifts_px[i, 0]:g}, {shifts_px[i, 1]:g}) px is not finite "
+                           "(origin in Angstrom divided by the pixel size)"),
+                "correct the origins or the pixel size in the file")
 
     # CTF: particle value, else optics value (both merged into `table`), else RELION's default
     ctf: dict[str, np.ndarray] = {}

@@ -120,8 +120,9 @@ def read_thu(path: str | os.PathLike, *, angpix: float | None, root: str | os.Pa
     InputError
         ``angpix`` not positive.
     InputFileError
-        ``angpix`` missing; malformed line (wrong column count, non-numeric value: the message names the line
-        number), zero quaternion, missing or bad stacks.
+        ``angpix`` missing; malformed line (wrong column count, non-numeric value, a value whose conversion
+        overflows such as radians to degrees or defocus x factor: the message names the line number), zero
+        quaternion, missing or bad stacks.
     """
     path = Path(path)
     if not path.exists():
@@ -162,8 +163,12 @@ def read_thu(path: str | os.PathLike, *, angpix: float | None, root: str | os.Pa
         rows.report(np.isfinite(column) & (column != np.round(column)),
                     lambda i, c=c: f"column {c} ({THU_COLUMNS[c]}) must be an integer: {text[i, c]!r}",
                     "fix or remove that line")
-    quat = numbers[:, 13:17]
-    norm = np.linalg.norm(np.nan_to_num(quat), axis=1)
+    # the norm of (1e200, 1e200, 0, 0) overflows to inf: such quaternions are scaled down first
+    quat = np.nan_to_num(numbers[:, 13:17])
+    quat_scale = np.abs(quat).max(axis=1, keepdims=True)
+    huge = quat_scale > 1e150
+    quat = np.where(huge, quat / np.where(huge, quat_scale, 1.0), quat)
+    norm = np.linalg.norm(quat, axis=1) * np.where(huge[:, 0], quat_scale[:, 0], 1.0)
     rows.report(norm < 1e-6, lambda i: "quaternion is zero (no pose)",
                 "give poses: .thu files made from STAR files by THUNDER's STAR_2_THU.py carry none")
     voltage_v = numbers[:, 0]
@@ -172,6 +177,21 @@ def read_thu(path: str | os.PathLike, *, angpix: float | None, root: str | os.Pa
     q0 = numbers[:, 5]
     rows.report(np.isfinite(q0) & ((q0 < 0) | (q0 >= 1)),
                 lambda i: f"amplitude contrast {q0[i]:g} is outside [0, 1)", "give it as a fraction (e.g. 0.1)")
+
+    # finite values whose conversion overflows (1e307 rad in degrees, defocus 1e300 x factor 1e300)
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = {
+            "defocus_u_angstrom": (numbers[:, 1] * numbers[:, 24], "DEFOCUS_U x DEFOCUS_FACTOR", "A"),
+            "defocus_v_angstrom": (numbers[:, 2] * numbers[:, 24], "DEFOCUS_V x DEFOCUS_FACTOR", "A"),
+            "defocus_angle_deg": (np.rad2deg(numbers[:, 3]), "DEFOCUS_THETA in degrees", "deg"),
+            "phase_shift_deg": (np.rad2deg(numbers[:, 6]), "PHASE_SHIFT in degrees", "deg"),
+            "origin_x_angstrom": (-numbers[:, 20] * angpix, "TRANSLATION_X x pixel size", "A"),
+            "origin_y_angstrom": (-numbers[:, 21] * angpix, "TRANSLATION_Y x pixel size", "A"),
+        }
+    for values, what, unit in converted.values():
+        rows.report(~np.isfinite(values),
+                    lambda i, values=values, what=what, unit=unit: f"{what} is not finite ({values[i]:g} {unit})",
+                    "fix or remove that line (THUNDER writes angles in radians and defocus in Angstrom)")
 
     base_dir = Path(root) if root is not None else path.parent
     if root is not None and not base_dir.is_dir():
@@ -183,17 +203,16 @@ def read_thu(path: str | os.PathLike, *, angpix: float | None, root: str | os.Pa
     n = len(sel)
     num, txt = numbers[sel], text[sel]
 
-    rotations = quaternion_to_matrix(num[:, 13:17]).reshape(-1, 3, 3)  # normalises the quaternions
+    rotations = quaternion_to_matrix(quat[sel]).reshape(-1, 3, 3)  # normalises the quaternions
     shifts_px = -num[:, 20:22]
-    factor = num[:, 24]
     ctf = {
-        "defocus_u_angstrom": num[:, 1] * factor,
-        "defocus_v_angstrom": num[:, 2] * factor,
-        "defocus_angle_deg": np.rad2deg(num[:, 3]),
+        "defocus_u_angstrom": converted["defocus_u_angstrom"][0][sel],
+        "defocus_v_angstrom": converted["defocus_v_angstrom"][0][sel],
+        "defocus_angle_deg": converted["defocus_angle_deg"][0][sel],
         "voltage_kv": num[:, 0] / 1000.0,
         "cs_mm": num[:, 4] / 1e7,
         "amplitude_contrast": num[:, 5].copy(),
-        "phase_shift_deg": np.rad2deg(num[:, 6]),
+        "phase_shift_deg": converted["phase_shift_deg"][0][sel],
         "bfactor_angstrom2": np.zeros(n),
         "scale": np.ones(n),
     }
@@ -217,8 +236,8 @@ def read_thu(path: str | os.PathLike, *, angpix: float | None, root: str | os.Pa
         "rlnAngleRot": angles[:, 0],
         "rlnAngleTilt": angles[:, 1],
         "rlnAnglePsi": angles[:, 2],
-        "rlnOriginXAngst": shifts_px[:, 0] * angpix,
-        "rlnOriginYAngst": shifts_px[:, 1] * angpix,
+        "rlnOriginXAngst": converted["origin_x_angstrom"][0][sel],
+        "rlnOriginYAngst": converted["origin_y_angstrom"][0][sel],
         "rlnRandomSubset": half_set.astype(np.int64),
         **{label: num[:, c] for c, label in _EXTRA_LABELS.items()},
     })
