@@ -116,7 +116,7 @@ class ParticleSet:
     def read_images(self, index: np.ndarray, reader: "Any | None" = None) -> np.ndarray:
         """Images of the particles at positions ``index``: ``(b, N, N)`` float32, native byte order.
 
-        Reads through a memory-mapped :class:`numba_recon.io.mrc.StackReader` (``reader``, or one
+        Reads through a :class:`numba_recon.io.mrc.StackReader` (``reader``, or one
         kept on this set), so only the requested images are touched.
         """
         if reader is None:

@@ -52,7 +52,7 @@ def project(map_path: str, star_path: str, output: str, angpix: float | None, no
     if volume.shape[0] != particles.box_size:
         raise InputFileError(f"map box {volume.shape[0]} differs from the particle box {particles.box_size}",
                              map_path, "resample the map to the particles' box size")
-    if abs(voxel - particles.pixel_size_angstrom) > 0.01 * particles.pixel_size_angstrom:
+    if voxel > 0 and abs(voxel - particles.pixel_size_angstrom) > 0.01 * particles.pixel_size_angstrom:
         raise InputFileError(f"map voxel size {voxel:.4f} A differs from the particle pixel size "
                              f"{particles.pixel_size_angstrom:.4f} A", map_path, "pass --angpix or resample the map")
     n = len(particles) if first is None else min(first, len(particles))
