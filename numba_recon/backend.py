@@ -79,7 +79,7 @@ def _load_cpu() -> Backend:
 def _no_gpu_reason() -> str:
     """Why numba-cuda sees no usable device: the driver's own error if it has one."""
     try:
-        from numba import cuda
+        from numba_recon.cuda._target import cuda
 
         err = cuda.cuda_error()
     except Exception as exc:  # noqa: BLE001 - describing a failure must not fail
@@ -157,7 +157,7 @@ def get_backend(name: str = "auto") -> Backend:
 
 def _gpu_name() -> str:
     try:
-        from numba import cuda
+        from numba_recon.cuda._target import cuda
 
         name = cuda.get_current_device().name
         return name.decode() if isinstance(name, bytes) else str(name)

@@ -87,7 +87,7 @@ def _host_peak_rss_mib() -> float:
 
 def _gpu_used_mib() -> float | None:
     try:
-        from numba import cuda
+        from numba_recon.cuda._target import cuda
 
         free, total = cuda.current_context().get_memory_info()
         return (total - free) / (1024.0 * 1024.0)

@@ -217,7 +217,8 @@ def test_robust_losses_do_not_depend_on_rank_count(noisy_set, tmp_path, loss):
     assert (k1 == k2).mean() > 0.99
 
 
-def test_trimmed_loss_on_the_cuda_backend_in_the_simulator(tmp_path, runner):
+@pytest.mark.parametrize("loss,keep", [("trimmed", ["--keep-fraction", "0.5:0.5"]), ("reweighted", [])])
+def test_robust_losses_on_the_cuda_backend_in_the_simulator(tmp_path, runner, loss, keep):
     from numba_recon.cli import main
 
     from numba_recon.simulate import simulate_dataset
@@ -227,10 +228,15 @@ def test_trimmed_loss_on_the_cuda_backend_in_the_simulator(tmp_path, runner):
     star = tmp_path / "tiny10" / "particles.star"
     out = tmp_path / "recon"
     res = runner.invoke(main, ["-q", "run", str(star), "-o", str(out), "--epochs", "2", "--backend", "cuda",
-                               "--batch-size", "8", "--cv-fraction", "0", "--loss", "trimmed", "--robust-warmup", "1",
-                               "--keep-fraction", "0.5:0.5"])
+                               "--batch-size", "8", "--cv-fraction", "0", "--loss", loss, "--robust-warmup", "1",
+                               *keep])
     assert res.exit_code == 0, res.output
     from numba_recon.io.star import read_star
 
-    kept = read_star(out / "run_data.star").table["rlnNumbaReconKept"].to_numpy()
-    assert 0 < kept.sum() < 16
+    table = read_star(out / "run_data.star").table
+    weights = table["rlnNumbaReconWeight"].to_numpy()
+    assert np.isfinite(table["rlnNumbaReconScore"].to_numpy()).all()
+    if loss == "trimmed":
+        assert 0 < table["rlnNumbaReconKept"].to_numpy().sum() < 16
+    else:
+        assert weights.min() < weights.max()  # the weights differ between particles
