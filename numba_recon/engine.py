@@ -10,7 +10,6 @@ whole (training part of the) half set, and the regulariser is scaled with ``n_h`
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -26,7 +25,7 @@ from numba_recon import __version__
 from numba_recon.batch import BatchLoader, assign_cross_validation, assign_halves, epoch_batches, shard
 from numba_recon.checkpoint import Checkpoint, atomic_write_text, load_latest, save_checkpoint
 from numba_recon.config import RunConfig
-from numba_recon.errors import InputError, InputFileError
+from numba_recon.errors import InputFileError
 from numba_recon.loss import RobustSchedule, good_population, particle_scores, robust_weights
 from numba_recon.reduce import Comm, describe_mpi, get_comm, select_device
 from numba_recon.step import AdamState, adam_step
@@ -433,7 +432,6 @@ class Reconstruction:
         res = resolution_at(curve, n, self.angpix, 0.143)
         res05 = resolution_at(curve, n, self.angpix, 0.5)
         seconds = time.perf_counter() - t0
-        self._last_fsc = curve
         return EpochStats(epoch=epoch + 1, train_loss=total_loss / max(1, n_train), cv_loss=cv_loss,
                           resolution_angstrom=res, resolution_05_angstrom=res05,
                           kept_fraction=float(np.mean(kept)) if kept else 1.0, seconds=seconds,
@@ -466,7 +464,6 @@ class Reconstruction:
         self.state = st
         be = self.backend
         self._volume_dev = [be.to_device(st.volumes[0]), be.to_device(st.volumes[1])]
-        self._last_fsc = None
         log.info("%d particles (half 1: %d, half 2: %d; %d held out), box %d, %.3f A/px, backend %s, %d rank(s)",
                  len(self.particles), int(np.sum(st.halves == 1)), int(np.sum(st.halves == 2)), int(st.cv.sum()),
                  self.box, self.angpix, be.name, self.comm.size)
@@ -582,8 +579,4 @@ def describe_environment(backend_name: str) -> dict[str, Any]:
     return info
 
 
-def summary_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-__all__ = ["Reconstruction", "run", "RunConfig", "InputError"]
+__all__ = ["Reconstruction", "run", "RunConfig"]
