@@ -198,7 +198,10 @@ def test_write_thu_format(tmp_path):
     first = rows[0]
     assert float(first[0]) == 300000.0 and float(first[4]) == 27000000.0  # V and Angstrom
     assert float(first[3]) == pytest.approx(np.deg2rad(30.0))
-    assert first[7] == f"000001@{STACK_A}" and first[8] == "mics/m1.mrc"
+    index, stack = first[7].split("@", 1)
+    # written relative to the .thu file's folder when they share one below /, else absolute
+    assert index == "000001" and (out.parent / stack).resolve() == Path(STACK_A).resolve()
+    assert first[8] == "mics/m1.mrc"
     assert (first[11], first[12]) == ("1", "0")  # default group 1, class 1 -> CLASS_ID 0
     q = np.array([float(v) for v in first[13:17]])
     np.testing.assert_allclose(q, QUATERNIONS[(30.0, 60.0, 90.0)], atol=1e-6)
