@@ -51,3 +51,17 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("NUMBA_ENABLE_CUDASIM", "1")
     return env
+
+
+def backend_for_test(name: str):
+    """The backend ``name`` for a parametrised test: ``cuda`` is Numba's simulator here, or a real
+    GPU with ``NUMBA_RECON_TEST_REAL_GPU=1`` (skipped, naming the reason, when that GPU is unusable)."""
+    from numba_recon.backend import get_backend
+    from numba_recon.errors import BackendUnavailableError
+
+    try:
+        return get_backend(name)
+    except BackendUnavailableError as err:
+        if name == "cuda" and os.environ.get("NUMBA_RECON_TEST_REAL_GPU") == "1":
+            pytest.skip(f"no usable GPU: {err}")
+        raise

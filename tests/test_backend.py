@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import sys
 import types
 
 import numba
@@ -20,11 +18,6 @@ from numba_recon.cli import main
 from numba_recon.errors import BackendUnavailableError
 
 
-# pytest imports numba while reading the warning filters of pyproject.toml, before conftest.py sets
-# NUMBA_ENABLE_CUDASIM; numba must re-read it before numba.cuda is first imported
-if (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and not numba.config.ENABLE_CUDASIM
-        and "numba.cuda" not in sys.modules):
-    numba.core.config.reload_config()
 
 
 def _fake_cuda_module(available: bool = True) -> types.ModuleType:
@@ -95,11 +88,8 @@ def test_incomplete_cuda_module_is_reported(monkeypatch):
 
 
 def test_simulator_is_the_cuda_backend():
-    spec = importlib.util.find_spec("numba_recon.cuda")
-    if spec is None or spec.origin is None:
-        pytest.skip("numba_recon.cuda is not present in this checkout")
     if not numba.config.ENABLE_CUDASIM:
-        pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 before numba is imported")
+        pytest.skip("a real GPU was asked for (NUMBA_RECON_TEST_REAL_GPU=1); this test is about the simulator")
     be = get_backend("cuda")
     assert be.name == "cuda"
     assert "cuda" in available_backends()

@@ -7,41 +7,21 @@ box <= 12 and batch <= 2 because the simulator runs one Python thread per CUDA t
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import sys
 
 import numba
 import numpy as np
 import pytest
+from conftest import backend_for_test
 
 from numba_recon import cpu
-from numba_recon.backend import get_backend
 from numba_recon.cpu import _support
 from numba_recon.ctf import ctf_images
-from numba_recon.errors import BackendUnavailableError
 from numba_recon.geometry import euler_to_matrix, random_rotations
 
 
-# pytest imports numba while reading the warning filters of pyproject.toml, before conftest.py sets
-# NUMBA_ENABLE_CUDASIM; numba must re-read it before numba.cuda is first imported
-if (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and not numba.config.ENABLE_CUDASIM
-        and "numba.cuda" not in sys.modules):
-    numba.core.config.reload_config()
 
 
-def _backend(name: str):
-    if name == "cuda":
-        spec = importlib.util.find_spec("numba_recon.cuda")
-        if spec is None or spec.origin is None:
-            pytest.skip("numba_recon.cuda is not present in this checkout")
-        if not numba.config.ENABLE_CUDASIM:
-            try:
-                return get_backend("cuda")
-            except BackendUnavailableError as err:
-                pytest.skip(f"no usable GPU: {err}")
-    return get_backend(name)
 
 
 def _project(be, volume, rotations, radius_px, dtype=np.float32):
@@ -87,7 +67,7 @@ def _bilinear_image(n: int, u: float, v: float) -> np.ndarray:
 
 @pytest.mark.parametrize(("backend_name", "n"), [("cpu", 12), ("cpu", 13), ("cuda", 12)])
 def test_splat_table_positions(backend_name, n):
-    be = _backend(backend_name)
+    be = backend_for_test(backend_name)
     c = n // 2
     voxels = sorted({row[1] for row in SPLAT_TABLE})
     if backend_name == "cuda":
@@ -111,7 +91,7 @@ def test_splat_table_positions(backend_name, n):
 @pytest.mark.parametrize(("backend_name", "n", "count"),
                          [("cpu", 16, 100), ("cpu", 17, 100), ("cuda", 8, 2), ("cuda", 9, 2)])
 def test_centre_voxel_projects_to_image_centre(backend_name, n, count):
-    be = _backend(backend_name)
+    be = backend_for_test(backend_name)
     c = n // 2
     volume = np.zeros((n, n, n))
     volume[c, c, c] = 1.0
@@ -131,7 +111,7 @@ def test_centre_voxel_projects_to_image_centre(backend_name, n, count):
 ])
 def test_backproject_is_adjoint_of_project(backend_name, dtype, n, radius):
     """<P x, y> = <x, P^T y>; radius inf includes the box corners, whose splats leave the image."""
-    be = _backend(backend_name)
+    be = backend_for_test(backend_name)
     rng = np.random.default_rng(n)
     b = 2 if backend_name == "cuda" else 5
     radius = n // 2 - 1 if radius is None else radius
@@ -214,7 +194,7 @@ def _ctfs(rng, b, n, pixel_size_angstrom=2.0):
     ("cpu", np.float64, 16), ("cpu", np.float64, 17), ("cpu", np.float32, 17), ("cuda", np.float32, 8),
 ])
 def test_fourier_filter_matches_fft2(backend_name, dtype, n):
-    be = _backend(backend_name)
+    be = backend_for_test(backend_name)
     rng = np.random.default_rng(n)
     b = 2
     images = rng.standard_normal((b, n, n))
@@ -238,7 +218,7 @@ def test_forward_residual_matches_direct_computation(backend_name, dtype, n):
     Both identities need ``filters2 = H^2`` to be the square of the filter H applies, so H is
     made exactly even (see :func:`_even_part`).
     """
-    be = _backend(backend_name)
+    be = backend_for_test(backend_name)
     rng = np.random.default_rng(3)
     b = 2
     radius = n // 2 - 1

@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
 
-_SIM_WANTED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-if _SIM_WANTED and not numba.config.ENABLE_CUDASIM and "numba.cuda" not in sys.modules:
-    # pytest imports numba to resolve a warning filter before conftest sets the variable; numba
-    # reads it again here, while numba.cuda (which picks the simulator on import) is unloaded
-    numba.core.config.reload_config()
 
 from numba_recon import cuda as nc  # noqa: E402
 from numba_recon.cuda import _target, device_check, fourier, memory  # noqa: E402

@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 
-import numba
 import numpy as np
 import pytest
+from conftest import backend_for_test
 
 from numba_recon import adjoint, forward
 from numba_recon.backend import get_backend
 from numba_recon.ctf import ctf_images
-from numba_recon.errors import BackendUnavailableError
 from numba_recon.geometry import random_rotations
 
 
-# pytest imports numba while reading the warning filters of pyproject.toml, before conftest.py sets
-# NUMBA_ENABLE_CUDASIM; numba must re-read it before numba.cuda is first imported
-if (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and not numba.config.ENABLE_CUDASIM
-        and "numba.cuda" not in sys.modules):
-    numba.core.config.reload_config()
 
 
-def _backend(name: str):
-    if name == "cuda":
-        spec = importlib.util.find_spec("numba_recon.cuda")
-        if spec is None or spec.origin is None:
-            pytest.skip("numba_recon.cuda is not present in this checkout")
-        if not numba.config.ENABLE_CUDASIM:
-            try:
-                return get_backend("cuda")
-            except BackendUnavailableError as err:
-                pytest.skip(f"no usable GPU: {err}")
-    return get_backend(name)
 
 
 def _ctfs(rng, b, n, pixel_size_angstrom=2.0):
@@ -76,7 +56,7 @@ def test_default_radius():
 ])
 def test_ctf_operator_dot_test(backend_name, dtype, n):
     """<H P x, y> = <x, (H P)^T y> with real CTFs and random rotations."""
-    be = _backend(backend_name)
+    be = backend_for_test(backend_name)
     rng = np.random.default_rng(n + 100)
     b = 2 if backend_name == "cuda" else 4
     rotations = random_rotations(b, rng)
@@ -99,7 +79,7 @@ def test_ctf_operator_dot_test(backend_name, dtype, n):
 def test_gradient_path_is_twice_the_adjoint_of_the_residual(backend_name, dtype, n):
     """forward_residual + weighted_backproject give loss_b = ||H_b P_b x - b'_b||^2 and
     grad = 2 sum_b w_b (H_b P_b)^T (H_b P_b x - b'_b), checked through <grad, y> for a random y."""
-    be = _backend(backend_name)
+    be = backend_for_test(backend_name)
     rng = np.random.default_rng(n + 200)
     b = 2 if backend_name == "cuda" else 4
     radius = forward.default_radius_px(n)
