@@ -247,6 +247,21 @@ class Reconstruction:
         return (-alpha * g).astype(np.float32)
 
     # ------------------------------------------------------------------ one epoch
+    def _forward(self, part: np.ndarray, volume_dev: Any) -> tuple[Any, Any, Any, np.ndarray, np.ndarray]:
+        """The forward stage for the particles ``part``: prepared data, device rotations and
+        residuals, and host ``(b,)`` losses and scores."""
+        be = self.backend
+        b, n = part.size, self.box
+        prep = self.loader.prepare(part)
+        rot = be.to_device(prep.rotations)
+        resid = be.zeros((b, n, n))
+        losses_dev = be.zeros((b,))
+        energy_dev = be.zeros((b,))
+        be.forward_residual(volume_dev, rot, be.to_device(prep.filters2), be.to_device(prep.data),
+                            be.to_device(prep.data_norm2), self.radius, resid, losses_dev, energy_dev)
+        losses = be.to_host(losses_dev).astype(np.float64)
+        return prep, rot, resid, losses, particle_scores(losses, prep.data_norm2, be.to_host(energy_dev))
+
     def _loss_and_gradient(self, local: np.ndarray, volume_dev: Any, grad_dev: Any,
                            weights_fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Forward, loss and adjoint for one rank's shard of a global minibatch.
@@ -261,15 +276,7 @@ class Reconstruction:
         if b == 0:
             weights_fn(np.zeros(0))
             return np.zeros(0), np.zeros(0), np.zeros(0)
-        prep = self.loader.prepare(local)
-        rot = be.to_device(prep.rotations)
-        resid = be.zeros((b, n, n))
-        losses_dev = be.zeros((b,))
-        energy_dev = be.zeros((b,))
-        be.forward_residual(volume_dev, rot, be.to_device(prep.filters2), be.to_device(prep.data),
-                            be.to_device(prep.data_norm2), self.radius, resid, losses_dev, energy_dev)
-        losses = be.to_host(losses_dev).astype(np.float64)
-        scores = particle_scores(losses, prep.data_norm2, be.to_host(energy_dev))
+        prep, rot, resid, losses, scores = self._forward(local, volume_dev)
         w = weights_fn(scores)
         be.weighted_backproject(resid, rot, be.to_device(np.asarray(w, np.float32)), self.radius, grad_dev)
         return losses, scores, losses / (n * n * prep.noise_var.astype(np.float64))
@@ -289,19 +296,12 @@ class Reconstruction:
 
     def _evaluate_losses(self, index: np.ndarray, volume_dev: Any) -> tuple[float, int]:
         """Sum of normalised losses ``l_i / (N^2 sigma_i^2)`` over the particles ``index`` (all ranks)."""
-        be = self.backend
         local = shard(index, self.comm.rank, self.comm.size)
         n = self.box
         total = 0.0
         for start in range(0, local.size, self.config.batch_size):
-            part = local[start:start + self.config.batch_size]
-            prep = self.loader.prepare(part)
-            b = part.size
-            resid = be.zeros((b, n, n))
-            losses = be.zeros((b,))
-            be.forward_residual(volume_dev, be.to_device(prep.rotations), be.to_device(prep.filters2),
-                                be.to_device(prep.data), be.to_device(prep.data_norm2), self.radius, resid, losses)
-            total += float(np.sum(be.to_host(losses) / (n * n * prep.noise_var.astype(np.float64))))
+            prep, _, _, losses, _ = self._forward(local[start:start + self.config.batch_size], volume_dev)
+            total += float(np.sum(losses / (n * n * prep.noise_var.astype(np.float64))))
         return self.comm.allreduce_scalar(total), int(index.size)
 
     def _symmetrize(self, grads: np.ndarray) -> None:
@@ -523,27 +523,14 @@ class Reconstruction:
     # ------------------------------------------------------------------ outputs
     def _final_scores(self, st: RunState) -> tuple[np.ndarray, np.ndarray]:
         """Per-particle final losses and scores against the final half maps (all particles)."""
-        be = self.backend
-        n = self.box
         losses = np.full(len(self.particles), np.nan)
         scores = np.full(len(self.particles), np.nan)
         for h in (0, 1):
             idx = np.flatnonzero(st.halves == h + 1)
             local = shard(idx, self.comm.rank, self.comm.size)
-            vol = self._volume_dev[h]
             for start in range(0, local.size, self.config.batch_size):
                 part = local[start:start + self.config.batch_size]
-                prep = self.loader.prepare(part)
-                b = part.size
-                resid = be.zeros((b, n, n))
-                ldev = be.zeros((b,))
-                edev = be.zeros((b,))
-                be.forward_residual(vol, be.to_device(prep.rotations), be.to_device(prep.filters2),
-                                    be.to_device(prep.data), be.to_device(prep.data_norm2), self.radius, resid, ldev,
-                                    edev)
-                lh = be.to_host(ldev).astype(np.float64)
-                losses[part] = lh
-                scores[part] = particle_scores(lh, prep.data_norm2, be.to_host(edev))
+                _, _, _, losses[part], scores[part] = self._forward(part, self._volume_dev[h])
         if self.comm.size > 1:
             for arr in (losses, scores):
                 for part in self.comm.allgather(arr):
