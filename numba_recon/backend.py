@@ -46,6 +46,7 @@ class Backend(NamedTuple):
     fourier_filter: Callable[..., None]
     forward_residual: Callable[..., None]
     weighted_backproject: Callable[..., None]
+    insert_weights: Callable[..., None]
     to_device: Callable[..., Any]
     to_host: Callable[[Any], Any]
     zeros: Callable[..., Any]

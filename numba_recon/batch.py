@@ -17,6 +17,7 @@ For each particle the loader computes, once (then caches while memory allows):
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,27 +29,54 @@ from numba_recon.particles import ParticleSet
 log = logging.getLogger(__name__)
 
 
+def particle_keys(particles: ParticleSet, seed: int, salt: int) -> np.ndarray:
+    """A seeded pseudo-random key per particle from its image name (``index@stack``), ``(n,)`` uint64.
+
+    Keys depend on the image, not on its row: the same particles in another row order or another
+    file format get the same keys, hence the same half sets, hold-out and results.
+    """
+    import hashlib
+
+    keys = np.empty(len(particles), dtype=np.uint64)
+    prefix = f"{seed}:{salt}:".encode()
+    for i, (path, index) in enumerate(zip(particles.stack_paths, particles.stack_indices)):
+        name = f"{int(index)}@{os.path.basename(str(path))}".encode()
+        keys[i] = int.from_bytes(hashlib.blake2b(prefix + name, digest_size=8).digest(), "little")
+    return keys
+
+
+def _by_key(index: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``index`` sorted by ``keys[index]`` (ties, i.e. duplicated images, by position)."""
+    return index[np.lexsort((index, keys[index]))]
+
+
 def assign_halves(particles: ParticleSet, seed: int) -> tuple[np.ndarray, bool]:
     """Gold-standard half labels (1 or 2) for every particle.
 
     Uses ``rlnRandomSubset`` when every particle has one; otherwise a seeded random split into two
-    halves of equal size (never even/odd order). Returns ``(labels (n,) int8, from_input)``.
+    halves of equal size, drawn from the image names (never even/odd order, never row order).
+    Returns ``(labels (n,) int8, from_input)``.
     """
     given = np.asarray(particles.half_set)
     if given.size and np.all((given == 1) | (given == 2)):
         return given.astype(np.int8), True
     n = len(particles)
     labels = np.ones(n, dtype=np.int8)
-    order = np.random.default_rng([seed, 7001]).permutation(n)
+    order = _by_key(np.arange(n), particle_keys(particles, seed, 7001))
     labels[order[n // 2:]] = 2
     return labels, False
 
 
-def assign_cross_validation(halves: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Held-out flags: a seeded ``fraction`` of each half, at least one particle when fraction > 0."""
+def assign_cross_validation(halves: np.ndarray, fraction: float, seed: int,
+                            particles: ParticleSet | None = None) -> np.ndarray:
+    """Held-out flags: a seeded ``fraction`` of each half, at least one particle when fraction > 0.
+
+    With ``particles`` the choice is drawn from the image names (independent of row order).
+    """
     cv = np.zeros(halves.shape, dtype=bool)
     if fraction <= 0:
         return cv
+    keys = particle_keys(particles, seed, 7002) if particles is not None else None
     for h in (1, 2):
         idx = np.flatnonzero(halves == h)
         k = int(round(fraction * idx.size))
@@ -56,7 +84,10 @@ def assign_cross_validation(halves: np.ndarray, fraction: float, seed: int) -> n
             k = min(max(k, 1), idx.size - 1)
         else:
             k = 0
-        chosen = np.random.default_rng([seed, 7002, h]).choice(idx, size=k, replace=False)
+        if keys is not None:
+            chosen = _by_key(idx, keys)[:k]
+        else:
+            chosen = np.random.default_rng([seed, 7002, h]).choice(idx, size=k, replace=False)
         cv[chosen] = True
     return cv
 
@@ -84,6 +115,23 @@ def shift_phase(box_size: int, shifts_px: np.ndarray) -> np.ndarray:
     s = np.asarray(shifts_px, dtype=np.float64)
     phase = -2j * np.pi / n * (kx[None, None, :] * s[:, 0, None, None] + ky[None, :, None] * s[:, 1, None, None])
     return np.exp(phase).astype(np.complex64)
+
+
+def rfft_half(full: np.ndarray) -> np.ndarray:
+    """The ``rfft2`` layout ``(b, N, N//2 + 1)`` of filters given on the full ``fft2`` grid ``(b, N, N)``.
+
+    Columns ``0 .. N//2`` are shared, except the Nyquist column of an even box: ``rfftfreq`` puts
+    it at ``+1/2`` and ``fftfreq`` at ``-1/2``, and ``H(+1/2, k_y) = H(-1/2, -k_y)`` for the CTF
+    (even in ``k``), so that column is read from the mirrored rows. Only its corner
+    ``(+1/2, -1/2)`` has no mirror on the full grid; the caller sets it. Evaluating the CTF once on
+    the full grid halves the cost of preparing a particle.
+    """
+    n = full.shape[-1]
+    half = np.array(full[..., : n // 2 + 1])
+    if n % 2 == 0:
+        mirror = (-np.arange(n)) % n
+        half[..., :, n // 2] = full[..., mirror, n // 2]
+    return half
 
 
 def background_mask(box_size: int, radius_fraction: float = 0.85) -> np.ndarray:
@@ -173,8 +221,11 @@ class BatchLoader:
         p = self.particles
         box = self.box
         images = p.read_images(index).astype(np.float32, copy=False)
-        ctf_half = ctf_images({k: v[index] for k, v in p.ctf.items()}, box, p.pixel_size_angstrom, half=True)
         ctf_full = ctf_images({k: v[index] for k, v in p.ctf.items()}, box, p.pixel_size_angstrom, half=False)
+        ctf_half = rfft_half(ctf_full)
+        if box % 2 == 0:  # (+1/2, -1/2) is the one half-grid frequency the full grid lacks
+            corner = {k: v[index] for k, v in p.ctf.items()}
+            ctf_half[:, box // 2, box // 2] = ctf_images(corner, 2, p.pixel_size_angstrom, half=True)[:, 1, 1]
         premult = p.ctf_premultiplied[index]
         h_half = np.where(premult[:, None, None], ctf_half * ctf_half, ctf_half)
         h_full = np.where(premult[:, None, None], ctf_full * ctf_full, ctf_full)

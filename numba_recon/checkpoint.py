@@ -13,6 +13,7 @@ the previous checkpoint (with a warning) when the newest is damaged.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -152,36 +153,55 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     tmp = folder / (name + ".tmp")
     datasets = {"volumes": ckpt.volumes, "adam_m": ckpt.adam_m, "adam_v": ckpt.adam_v}
     datasets.update({f"arrays/{k}": v for k, v in ckpt.arrays.items()})
+    # The HDF5 image is built in memory and written with plain file I/O: a full disk then fails
+    # one ordinary write with a clean OSError, instead of failing inside the HDF5 library (which
+    # prints tracebacks from its object finalisers and can crash while closing a half-written file).
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        h5.attrs["format_version"] = FORMAT_VERSION
+        h5.attrs["epoch"] = ckpt.epoch
+        h5.attrs["step"] = ckpt.step
+        h5.attrs["adam_t"] = ckpt.adam_t
+        h5.attrs["config"] = json.dumps(ckpt.config, sort_keys=True)
+        h5.attrs["state"] = json.dumps(ckpt.state, sort_keys=True)
+        for key, value in datasets.items():
+            arr = np.ascontiguousarray(value)
+            ds = h5.create_dataset(key, data=arr)
+            ds.attrs["crc32"] = _crc(arr)
+        h5.attrs["complete"] = True
+    image = buffer.getbuffer()
+    # make room first: the newest good checkpoint stays while this one is written, so the disk
+    # never holds more than ``keep`` checkpoint-sized files (a full disk at box 400 is gigabytes)
+    _prune(folder, keep - 1, exclude=final)
     try:
-        with h5py.File(tmp, "w") as h5:
-            h5.attrs["format_version"] = FORMAT_VERSION
-            h5.attrs["epoch"] = ckpt.epoch
-            h5.attrs["step"] = ckpt.step
-            h5.attrs["adam_t"] = ckpt.adam_t
-            h5.attrs["config"] = json.dumps(ckpt.config, sort_keys=True)
-            h5.attrs["state"] = json.dumps(ckpt.state, sort_keys=True)
-            for key, value in datasets.items():
-                arr = np.ascontiguousarray(value)
-                ds = h5.create_dataset(key, data=arr)
-                ds.attrs["crc32"] = _crc(arr)
-            h5.flush()
-            _fault_point("kill_during_checkpoint")
-            h5.attrs["complete"] = True
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "wb") as fh:
+            half = len(image) // 2
+            fh.write(image[:half])
+            fh.flush()
+            _fault_point("kill_during_checkpoint")  # a file cut in the middle, never renamed into place
+            fh.write(image[half:])
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-    except (OSError, RuntimeError) as err:  # h5py reports some write failures as RuntimeError
+    except OSError as err:
         _remove_quietly(tmp)
         raise write_error(final, err) from None
+    finally:
+        del image
     _fsync_dir(folder)
     atomic_write_text(folder / LATEST, json.dumps({"checkpoint": name, "epoch": ckpt.epoch}) + "\n")
-    old = sorted(folder.glob("ckpt_e*.h5"))
-    for stale in old[:-keep] if keep > 0 else []:
+    _prune(folder, keep)
+    return final
+
+
+def _prune(folder: Path, keep: int, exclude: Path | None = None) -> None:
+    """Remove all but the newest ``keep`` (at least one) checkpoints in ``folder``."""
+    old = [p for p in sorted(folder.glob("ckpt_e*.h5")) if p != exclude]
+    for stale in old[:-max(keep, 1)]:
         try:
             stale.unlink()
         except OSError:
             pass
-    return final
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -220,7 +240,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except InputFileError:
         raise
     except (OSError, KeyError, ValueError) as err:
-        raise InputFileError(f"cannot read checkpoint ({err})", path, "resume from an earlier checkpoint") from None
+        raise InputFileError(f"cannot read checkpoint: incomplete or damaged ({err})", path,
+                             "resume from an earlier checkpoint") from None
 
 
 def load_latest(out_dir: Path) -> Checkpoint | None:

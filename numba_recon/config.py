@@ -10,6 +10,9 @@ from typing import Any
 from numba_recon.errors import InputError
 from numba_recon.loss import canonical_loss
 
+#: Solvers ``run`` offers.
+OPTIMIZERS = ("cg", "adam")
+
 
 def _finite_at_least(value: float, lower: float, strict: bool = False) -> bool:
     """True if ``value`` is a finite number ``>= lower`` (``> lower`` with ``strict``)."""
@@ -32,15 +35,28 @@ class RunConfig:
         Input ``.star`` or ``.thu`` file.
     out_dir
         Output folder.
+    optimizer
+        ``cg`` (default: the one-pass direct reconstruction refined by preconditioned conjugate
+        gradients, :mod:`numba_recon.objective`) or ``adam`` (minibatch Adam).
     epochs
-        Passes over each half set.
+        Passes over each half set; with ``cg`` the most passes (the run stops earlier when the
+        cross-validation loss stops improving), ``1`` gives the direct reconstruction alone.
+        None: 8 for ``cg``, 20 for ``adam``.
     batch_size
-        Global minibatch size per half (summed over ranks).
+        Global minibatch size per half (summed over ranks); with ``cg``, the particles prepared
+        and processed together within a pass.
     lr
         Adam step size relative to the scale of the map (see ``docs/reconstruction.md``).
     reg_lambda
-        ``lambda`` of the regulariser ``n lambda^2 ||x||^2`` (n = training particles of the half),
-        relative to the data scale.
+        ``adam``: ``lambda`` of the regulariser ``n lambda^2 ||x||^2`` (n = training particles of
+        the half), relative to the data scale (None: 0.01). ``cg``: an optional fixed ridge
+        ``lambda^2 <K>`` added to the learned prior (None: 0).
+    particle_diameter
+        Particle diameter in Angstrom: the support prior (a soft-edged sphere) of the ``cg``
+        solver; None estimates it from the data.
+    early_stop
+        ``cg``: stop when the held-out loss stops improving (otherwise run all ``epochs``; the maps
+        with the lowest held-out loss are kept either way).
     backend
         ``cpu``, ``cuda`` or ``auto``.
     seed
@@ -69,10 +85,13 @@ class RunConfig:
 
     particles: str
     out_dir: str
-    epochs: int = 20
+    epochs: int | None = None
     batch_size: int = 256
     lr: float = 0.2
-    reg_lambda: float = 0.01
+    reg_lambda: float | None = None
+    optimizer: str = "cg"
+    particle_diameter: float | None = None
+    early_stop: bool = True
     backend: str = "auto"
     seed: int = 0
     angpix: float | None = None
@@ -95,6 +114,16 @@ class RunConfig:
         def bad(option: str, problem: str, fix: str) -> InputError:
             return InputError(f"{option} {problem}", None, fix)
 
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("--optimizer", f"must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})",
+                      "cg is the default")
+        if self.epochs is None:
+            object.__setattr__(self, "epochs", 8 if self.optimizer == "cg" else 20)
+        if self.reg_lambda is None:
+            object.__setattr__(self, "reg_lambda", 0.0 if self.optimizer == "cg" else 0.01)
+        if self.particle_diameter is not None and not _finite_at_least(self.particle_diameter, 0.0, strict=True):
+            raise bad("--particle-diameter", f"must be a finite positive number of Angstrom "
+                      f"(got {self.particle_diameter})", "omit it to estimate the diameter from the data")
         if self.epochs <= 0:
             raise bad("--epochs", f"must be positive (got {self.epochs})", "give at least 1")
         if self.batch_size <= 0:

@@ -207,3 +207,43 @@ def final_particle_weights(scores: np.ndarray, halves: np.ndarray, schedule: Rob
         weights[idx] = w
         kept[idx] = w > 0 if schedule.loss == "trimmed" else w >= 0.5
     return weights, kept
+
+
+def pass_reference(previous_scores: np.ndarray, schedule: RobustSchedule, epoch: int) -> dict[str, float] | None:
+    """What the full-pass solver weighs a half set's particles against in pass ``epoch``: the good
+    population (centre, spread) of the previous pass's scores of that half, and the score
+    threshold of the trimmed loss (``centre + 3 spread``, or the kept-fraction quantile with
+    ``--keep-fraction``). None before the robust loss starts or without previous scores.
+
+    Computed from the scores of the whole half set (gathered over ranks), so every rank weighs
+    its particles identically and the map does not depend on the number of ranks.
+    """
+    if not schedule.active(epoch):
+        return None
+    s = np.asarray(previous_scores, np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return None
+    centre, spread = good_population(s)
+    if schedule.loss == "trimmed" and not schedule.automatic:
+        threshold = float(np.quantile(s, min(max(schedule.keep_fraction(epoch), 0.0), 1.0)))
+    else:
+        threshold = centre + 3.0 * spread
+    return {"centre": centre, "spread": spread, "threshold": threshold}
+
+
+def pass_weights(scores: np.ndarray, schedule: RobustSchedule, reference: dict[str, float] | None) -> np.ndarray:
+    """Robust weights of particles in a full pass from their current scores, ``(b,)`` float64.
+
+    ``trimmed``: 1 at or below the reference threshold, 0 above. ``reweighted``:
+    ``(3 sigma / (max(s - mu, 0) + 3 sigma))^p``, 1 for a typical good particle, so the data term
+    keeps its likelihood scale against the prior. Plain 1 without a reference.
+    """
+    s = np.asarray(scores, np.float64)
+    if reference is None or schedule.loss == "l2":
+        return np.ones(s.size)
+    if schedule.loss == "trimmed":
+        return (s <= reference["threshold"]).astype(np.float64)
+    eps = 3.0 * max(reference["spread"], 1e-12)
+    excess = np.maximum(s - reference["centre"], 0.0)
+    return (eps / (excess + eps)) ** schedule.power

@@ -266,9 +266,14 @@ def validate_mask(path: str | os.PathLike, box_size: int, pixel_size_angstrom: f
 
 
 def _project_if_symmetric(job: "Reconstruction", volume: np.ndarray) -> np.ndarray:
-    """The exact projection onto the run's point group (unchanged for C1)."""
+    """The exact projection onto the run's point group (``adam``) or the group average (``cg``);
+    unchanged for C1."""
     if len(job.sym_ops) <= 1:
         return volume
+    if job.config.optimizer == "cg":
+        from numba_recon.symmetry import symmetrize_volume
+
+        return symmetrize_volume(volume, job.sym_ops)
     from numba_recon.symmetry import symmetric_subspace
 
     space = symmetric_subspace(job.box, job.config.symmetry, min(job.radius, job.box // 2 - 1))
@@ -392,7 +397,12 @@ def write_run_outputs(job: "Reconstruction", st: "RunState", losses: np.ndarray,
             "report": "report.html",
         },
     }
-    if len(job.sym_ops) > 1:
+    if getattr(job, "solver_summary", None):
+        summary["solver"] = job.solver_summary
+    if len(job.sym_ops) > 1 and job.config.optimizer == "cg":
+        summary["symmetry"] = {"group": str(job.config.symmetry), "operators": int(len(job.sym_ops)),
+                               "final_maps": "group average"}
+    elif len(job.sym_ops) > 1:
         from numba_recon.symmetry import symmetric_subspace
 
         space = symmetric_subspace(box, job.config.symmetry, min(job.radius, box // 2 - 1))

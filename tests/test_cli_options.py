@@ -339,7 +339,7 @@ def test_batch_larger_than_the_data_set(runner, inputs, tmp_path):
     for batch in ("100000", "40"):
         out = tmp_path / f"b{batch}"
         result = runner.invoke(main, ["-q", "run", str(inputs["star"]), "-o", str(out), "--epochs", "2",
-                                      "--backend", "cpu", "--batch-size", batch, "--seed", "1"])
+                                      "--backend", "cpu", "--batch-size", batch, "--seed", "1", "--optimizer", "adam"])
         assert result.exit_code == 0, (result.output, result.exception)
         assert json.loads((out / "summary.json").read_text())["steps"] == 2
         maps.append(np.stack([mrcfile.read(out / f"run_half{h}_class001_unfil.mrc") for h in (1, 2)]))

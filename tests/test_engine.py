@@ -52,7 +52,7 @@ def test_run_writes_relion_outputs(small_set, tmp_path, runner):
 
     out = tmp_path / "recon"
     res = runner.invoke(main, ["-q", "run", str(small_set), "-o", str(out), "--epochs", "4", "--backend", "cpu",
-                               "--batch-size", "64"])
+                               "--batch-size", "64", "--no-early-stop"])
     assert res.exit_code == 0, res.output
     for name in ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_class001.mrc",
                  "run_model.star", "run_data.star", "history.csv", "summary.json", "report.html", "fsc.csv",
@@ -134,7 +134,8 @@ def _maps(out: Path) -> np.ndarray:
 
 
 def test_sigkill_and_resume_is_bitwise_identical(small_set, tmp_path):
-    common = [str(small_set), "--epochs", "4", "--backend", "cpu", "--batch-size", "100", "--seed", "5"]
+    common = [str(small_set), "--epochs", "4", "--backend", "cpu", "--batch-size", "100", "--seed", "5",
+              "--no-early-stop"]
     ref = tmp_path / "ref"
     res = _cli(["-q", "run", *common, "-o", str(ref)])
     assert res.returncode == 0, res.stderr

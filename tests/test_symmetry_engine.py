@@ -120,9 +120,9 @@ def d7_data(tmp_path_factory) -> Path:
     return path
 
 
-def _run(runner, star: Path, out: Path, sym: str) -> dict:
+def _run(runner, star: Path, out: Path, sym: str, optimizer: str = "cg") -> dict:
     res = runner.invoke(main, ["-q", "run", str(star), "-o", str(out), "--epochs", "3", "--batch-size", "187",
-                               "--backend", "cpu", "--sym", sym])
+                               "--backend", "cpu", "--sym", sym, "--optimizer", optimizer, "--no-early-stop"])
     assert res.exit_code == 0, res.output
     return json.loads((out / "summary.json").read_text())
 
@@ -133,13 +133,15 @@ def runs(d7_data, tmp_path_factory):
 
     runner = CliRunner()
     base = tmp_path_factory.mktemp("runs")
-    return {sym: (base / sym, _run(runner, d7_data / "particles.star", base / sym, sym)) for sym in ("C1", "D7")}
+    runs = {sym: (base / sym, _run(runner, d7_data / "particles.star", base / sym, sym)) for sym in ("C1", "D7")}
+    runs["D7-adam"] = (base / "D7-adam", _run(runner, d7_data / "particles.star", base / "D7-adam", "D7", "adam"))
+    return runs
 
 
 def test_d7_reaches_a_finer_resolution_than_c1(runs, d7_data):
     from numba_recon.evaluate.fsc import fsc, resolution_at
 
-    res = {sym: summary["resolution_angstrom"] for sym, (_, summary) in runs.items()}
+    res = {sym: summary["resolution_angstrom"] for sym, (_, summary) in runs.items() if sym in ("C1", "D7")}
     # same particles, same epochs: 14 copies of every view average the noise down
     assert res["D7"] < 0.85 * res["C1"], res
     assert res["D7"] > 2 * ANGPIX  # not simply Nyquist: the comparison is meaningful
@@ -147,6 +149,8 @@ def test_d7_reaches_a_finer_resolution_than_c1(runs, d7_data):
     truth, _ = read_volume(d7_data / "truth.mrc")
     vs_truth = {}
     for sym, (out, _) in runs.items():
+        if sym not in ("C1", "D7"):
+            continue
         h1, _ = read_volume(out / "run_half1_class001_unfil.mrc")
         h2, _ = read_volume(out / "run_half2_class001_unfil.mrc")
         vs_truth[sym] = resolution_at(fsc(0.5 * (h1 + h2), truth), BOX, ANGPIX, 0.5)
@@ -155,8 +159,8 @@ def test_d7_reaches_a_finer_resolution_than_c1(runs, d7_data):
     assert sym_info["group"] == "D7" and sym_info["operators"] == 14
 
 
-def test_d7_maps_are_invariant_under_the_14_operators(runs):
-    out, _ = runs["D7"]
+def test_adam_d7_maps_are_exactly_invariant_under_the_14_operators(runs):
+    out, _ = runs["D7-adam"]
     space = symmetric_subspace(BOX, "D7")
     for name in ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_class001.mrc"):
         vol, _ = read_volume(out / name)
@@ -165,13 +169,36 @@ def test_d7_maps_are_invariant_under_the_14_operators(runs):
     # the C1 reconstruction of the same particles is not symmetric by this measure
     c1, _ = read_volume(runs["C1"][0] / "run_class001.mrc")
     assert space.invariance_errors(c1).min() > 0.1
-    # with trilinear resampling the D7 map changes no more than the exact phantom sampled on the grid
+
+
+def test_cg_d7_maps_are_group_averages(runs):
+    """The default solver writes group averages: they change under the 14 operators no more than the
+    exact phantom sampled on the grid does (trilinear resampling), and far less than the C1 map."""
     from numba_recon.phantom import fit_to_box, proteasome_blobs, render_volume
 
     ops = symmetry_operators("D7")
-    d7, _ = read_volume(out / "run_class001.mrc")
     phantom = render_volume(fit_to_box(proteasome_blobs(0), BOX, ANGPIX), BOX, ANGPIX)
-    assert interpolation_invariance_errors(d7, ops).max() < interpolation_invariance_errors(phantom, ops).max()
+    limit = interpolation_invariance_errors(phantom, ops).max()
+    out, summary = runs["D7"]
+    assert summary["symmetry"]["final_maps"] == "group average"
+    for name in ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_class001.mrc"):
+        vol, _ = read_volume(out / name)
+        assert interpolation_invariance_errors(vol, ops).max() < limit, name
+    c1, _ = read_volume(runs["C1"][0] / "run_class001.mrc")
+    assert interpolation_invariance_errors(c1, ops).max() > 1.5 * limit
+
+
+def test_exact_projection_of_regularised_maps_would_inflate_the_fsc(runs):
+    """Why the default solver does not project its maps exactly: the projection copies
+    low-resolution signal into high-resolution shells identically in both halves."""
+    from numba_recon.evaluate.fsc import fsc
+
+    out, _ = runs["D7"]
+    h1, _ = read_volume(out / "run_half1_class001_unfil.mrc")
+    h2, _ = read_volume(out / "run_half2_class001_unfil.mrc")
+    space = symmetric_subspace(BOX, "D7")
+    top = slice(BOX // 2 - 3, BOX // 2 + 1)
+    assert fsc(space.project(h1), space.project(h2))[top].mean() > fsc(h1, h2)[top].mean() + 0.05
 
 
 def test_iterates_stay_close_to_the_point_group(runs):
@@ -186,7 +213,7 @@ def test_iterates_stay_close_to_the_point_group(runs):
         ckpt = load_latest(runs[sym][0])
         low = [lowpass(v, 4 * ANGPIX, ANGPIX).astype(np.float64) for v in ckpt.volumes]
         dist[sym] = [_rel(space.project(v), v) for v in low]
-    assert max(dist["D7"]) < 0.25 and min(dist["C1"]) > 0.4, dist
+    assert max(dist["D7"]) < 0.5 * min(dist["C1"]), dist
 
 
 def _scramble_half2(star: Path, out: Path) -> None:
@@ -208,15 +235,24 @@ def _scramble_half2(star: Path, out: Path) -> None:
 
 
 def test_half_maps_stay_independent(runs, d7_data, tmp_path, runner):
-    # wrong images for every particle of half set 2: half map 1 must not change by a single bit
+    # wrong images for every particle of half set 2
     star = d7_data / "half2_scrambled.star"
     _scramble_half2(d7_data / "particles.star", star)
-    out = tmp_path / "scrambled"
-    _run(runner, star, out, "D7")
-    ref = runs["D7"][0]
+    # adam: half map 1 must not change by a single bit
+    out = tmp_path / "scrambled-adam"
+    _run(runner, star, out, "D7", "adam")
+    ref = runs["D7-adam"][0]
     a, _ = read_volume(ref / "run_half1_class001_unfil.mrc")
     b, _ = read_volume(out / "run_half1_class001_unfil.mrc")
     np.testing.assert_array_equal(a, b)
     a2, _ = read_volume(ref / "run_half2_class001_unfil.mrc")
     b2, _ = read_volume(out / "run_half2_class001_unfil.mrc")
     assert _rel(b2, a2) > 0.1
+    # cg: the halves share only the FSC curve (the learned prior) and the support, so a junk half 2
+    # leaves half 1 nearly as it was, and the resolution collapses instead of being inflated
+    out = tmp_path / "scrambled-cg"
+    summary = _run(runner, star, out, "D7")
+    a, _ = read_volume(runs["D7"][0] / "run_half1_class001_unfil.mrc")
+    b, _ = read_volume(out / "run_half1_class001_unfil.mrc")
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8
+    assert summary["resolution_angstrom"] > 2 * runs["D7"][1]["resolution_angstrom"]

@@ -43,13 +43,25 @@ def parse_keep_fraction(value: str) -> tuple[float | None, float | None]:
 @click.command("run", help=__doc__)
 @click.argument("particles", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=True), help="Output folder.")
-@click.option("--epochs", type=int, default=20, show_default=True, help="Passes over each half set.")
+@click.option("--optimizer", type=click.Choice(["cg", "adam"]), default="cg", show_default=True,
+              help="cg: one-pass direct reconstruction refined by preconditioned conjugate gradients, stopping "
+                   "when the held-out loss stops improving; adam: minibatch Adam.")
+@click.option("--epochs", type=int, default=None,
+              help="Passes over each half set (cg: at most, 1 = the direct reconstruction alone).  "
+                   "[default: 8 for cg, 20 for adam]")
+@click.option("--early-stop/--no-early-stop", default=True, show_default=True,
+              help="cg: stop when the held-out loss stops improving (the maps with the lowest held-out loss are "
+                   "kept either way).")
+@click.option("--particle-diameter", type=float, default=None,
+              help="Particle diameter in Angstrom (RELION's --particle_diameter): cg keeps the map in a soft-edged "
+                   "sphere of this diameter.  [default: estimated from the data]")
 @click.option("--batch-size", type=int, default=256, show_default=True,
               help="Particles per half per optimiser step, summed over all MPI ranks.")
 @click.option("--lr", type=float, default=0.2, show_default=True,
               help="Adam step size relative to the map scale (cosine-decayed to 5% over the run).")
-@click.option("--reg-lambda", type=float, default=0.01, show_default=True,
-              help="lambda of the regulariser n*lambda^2*||x||^2.")
+@click.option("--reg-lambda", type=float, default=None,
+              help="adam: lambda of the regulariser n*lambda^2*||x||^2 (default 0.01); cg: an optional fixed ridge "
+                   "lambda^2 <K> on top of the prior learned from the FSC (default 0).")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds half split, hold-out and batch order.")
 @click.option("--angpix", type=float, default=None, help="Pixel size in Angstrom (needed for .thu input).")

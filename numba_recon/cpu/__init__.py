@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from numba_recon.cpu.backproject import backproject, weighted_backproject
 from numba_recon.cpu.fourier import forward_residual, fourier_filter
+from numba_recon.cpu.insert import insert_weights
 from numba_recon.cpu.memory import synchronize, to_device, to_host, zeros
 from numba_recon.cpu.project import project
 
@@ -23,6 +24,7 @@ __all__ = [
     "backproject",
     "forward_residual",
     "fourier_filter",
+    "insert_weights",
     "is_available",
     "project",
     "synchronize",

@@ -1,7 +1,7 @@
 """CUDA twin of the forward model (numba-cuda kernels).
 
 Exports the kernel contract of ``docs/architecture.md`` for device arrays: ``project``,
-``backproject``, ``fourier_filter``, ``forward_residual``, ``weighted_backproject`` and the memory
+``backproject``, ``fourier_filter``, ``forward_residual``, ``weighted_backproject``, ``insert_weights`` and the memory
 helpers ``to_device``, ``to_host``, ``zeros``, ``synchronize``; plus ``is_available`` and
 ``describe``. Launchers are asynchronous: call :func:`synchronize` (or copy to the host) before
 reading results on the host. With ``NUMBA_ENABLE_CUDASIM=1`` the same code runs in Numba's CUDA
@@ -13,6 +13,7 @@ from __future__ import annotations
 from numba_recon.cuda._target import describe, is_available
 from numba_recon.cuda.backproject import backproject, weighted_backproject
 from numba_recon.cuda.fourier import fourier_filter
+from numba_recon.cuda.insert import insert_weights
 from numba_recon.cuda.memory import synchronize, to_device, to_host, zeros
 from numba_recon.cuda.project import project
 from numba_recon.cuda.residual import forward_residual
@@ -21,6 +22,7 @@ __all__ = [
     "project",
     "backproject",
     "fourier_filter",
+    "insert_weights",
     "forward_residual",
     "weighted_backproject",
     "to_device",

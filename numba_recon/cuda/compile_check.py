@@ -22,6 +22,7 @@ from numba_recon.cuda.backproject import _backproject_kernel
 from numba_recon.cuda.device_check import _atomic_global_kernel, _atomic_shared_kernel
 from numba_recon.cuda.elementwise import _fill_kernel, _residual_loss_kernel
 from numba_recon.cuda.fourier import _dft_stage_kernel
+from numba_recon.cuda.insert import _insert_kernel
 from numba_recon.cuda.project import _project_kernel
 
 _A1 = "float32[::1]"
@@ -34,6 +35,7 @@ KERNELS: dict[str, tuple[Any, str, bool]] = {
     "backproject": (_backproject_kernel, f"void({_A1}, {_A3}, {_A1}, int32, float32, int32, {_A3})", True),
     "dft_stage": (_dft_stage_kernel, f"void({_A2}, {_A3}, {_A3}, int32, float32, {_A3})", True),
     "residual_loss": (_residual_loss_kernel, f"void({_A3}, {_A3}, {_A3}, {_A1}, {_A1}, {_A1})", False),
+    "insert_weights": (_insert_kernel, f"void({_A3}, {_A3}, {_A3})", True),
     "fill": (_fill_kernel, f"void({_A1}, float32)", False),
     "atomic_global_benchmark": (_atomic_global_kernel, f"void({_A1}, int64, int64)", False),
     "atomic_shared_benchmark": (_atomic_shared_kernel, f"void({_A1}, int64)", False),

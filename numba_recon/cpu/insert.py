@@ -1,0 +1,110 @@
+"""Fourier-space sampling density of the central slices (CPU): the normal operator's diagonal.
+
+``insert_weights`` grids one real weight per 2-D Fourier sample of each image onto the 3-D DFT
+grid at the sample's 3-D frequency ``q = A^T (k_u, k_v, 0)`` with trilinear weights, as RELION's
+back-projector grids its CTF^2 weights. Summed over particles, with the weight ``w_i H_i(k)^2
+T(k)^2`` (CTF squared times the splat's own transfer function squared), it is the Fourier model of
+``sum_i w_i P_i^T H_i^2 P_i`` that the solver's preconditioner inverts.
+
+Images are split over a fixed number of chunks, each accumulating into a private grid that is
+summed in a fixed order at the end: no atomics, and bitwise identical results for any thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from numba_recon.cpu import _support
+
+#: Private accumulation grids (fixed, so that the summation order never depends on the threads).
+CHUNKS = 4
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _insert_kernel(rot, weights, chunks, acc):  # pragma: no cover - compiled
+    nb, n = weights.shape[0], weights.shape[1]
+    half = (n + 1) // 2
+    for c in prange(chunks):
+        grid = acc[c]
+        for b in range(c, nb, chunks):
+            a00 = rot[b, 0, 0]
+            a01 = rot[b, 0, 1]
+            a02 = rot[b, 0, 2]
+            a10 = rot[b, 1, 0]
+            a11 = rot[b, 1, 1]
+            a12 = rot[b, 1, 2]
+            for iv in range(n):
+                kv = iv - n if iv >= half else iv
+                for iu in range(n):
+                    w = weights[b, iv, iu]
+                    if w == 0.0:
+                        continue
+                    ku = iu - n if iu >= half else iu
+                    qx = a00 * ku + a10 * kv
+                    qy = a01 * ku + a11 * kv
+                    qz = a02 * ku + a12 * kv
+                    fx = np.floor(qx)
+                    fy = np.floor(qy)
+                    fz = np.floor(qz)
+                    tx = qx - fx
+                    ty = qy - fy
+                    tz = qz - fz
+                    x0 = int(fx) % n
+                    y0 = int(fy) % n
+                    z0 = int(fz) % n
+                    x1 = (x0 + 1) % n
+                    y1 = (y0 + 1) % n
+                    z1 = (z0 + 1) % n
+                    wz0 = w * (1.0 - tz)
+                    wz1 = w * tz
+                    grid[z0, y0, x0] += wz0 * (1.0 - ty) * (1.0 - tx)
+                    grid[z0, y0, x1] += wz0 * (1.0 - ty) * tx
+                    grid[z0, y1, x0] += wz0 * ty * (1.0 - tx)
+                    grid[z0, y1, x1] += wz0 * ty * tx
+                    grid[z1, y0, x0] += wz1 * (1.0 - ty) * (1.0 - tx)
+                    grid[z1, y0, x1] += wz1 * (1.0 - ty) * tx
+                    grid[z1, y1, x0] += wz1 * ty * (1.0 - tx)
+                    grid[z1, y1, x1] += wz1 * ty * tx
+
+
+@njit(parallel=True, cache=True)
+def _sum_chunks(acc, out):  # pragma: no cover - compiled
+    chunks, n = acc.shape[0], acc.shape[1]
+    for z in prange(n):
+        for y in range(n):
+            for x in range(n):
+                s = out[z, y, x]
+                for c in range(chunks):
+                    s += acc[c, z, y, x]
+                out[z, y, x] = s
+
+
+def insert_weights(rotations: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
+    """Accumulate gridded slice weights: ``out[q] += sum_b sum_k weights[b, k] tri(q - A_b^T k)``.
+
+    ``k = (k_u, k_v)`` runs over the ``N x N`` 2-D DFT grid (unshifted ``fft2`` layout, signed
+    integer frequencies), ``q`` over the ``N^3`` 3-D DFT grid (unshifted ``fftn`` layout of a
+    volume indexed ``[z, y, x]``, frequencies wrapped modulo ``N``), and ``tri`` is the trilinear
+    interpolation kernel.
+
+    Parameters
+    ----------
+    rotations
+        ``(b, 3, 3)`` RELION matrices ``A``.
+    weights
+        ``(b, N, N)`` float32 or float64 real weights per 2-D frequency (e.g. ``w_i H_i^2 T^2``).
+    out
+        ``(N, N, N)`` float32 or float64, C-contiguous; accumulated into.
+    """
+    out = _support.check_volume("out", out)
+    n = out.shape[0]
+    _support.check_array("weights", weights, (None, n, n))
+    nb = weights.shape[0]
+    rot = _support.as_rotations(rotations, nb, np.dtype(np.float64))
+    if nb == 0:
+        return
+    chunks = min(CHUNKS, nb)
+    acc = np.zeros((chunks, n, n, n), dtype=np.float32 if out.dtype == np.float32 else np.float64)
+    _insert_kernel(rot, weights, chunks, acc)
+    _sum_chunks(acc, out)
