@@ -17,13 +17,14 @@ For each particle the loader computes, once (then caches while memory allows):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.fft
 
 from numba_recon.ctf import ctf_images
+from numba_recon.io.names import HOLDOUT_SALT, image_keys, keyed_half_sets, order_by_key
 from numba_recon.particles import ParticleSet
 
 log = logging.getLogger(__name__)
@@ -35,36 +36,21 @@ def particle_keys(particles: ParticleSet, seed: int, salt: int) -> np.ndarray:
     Keys depend on the image, not on its row: the same particles in another row order or another
     file format get the same keys, hence the same half sets, hold-out and results.
     """
-    import hashlib
-
-    keys = np.empty(len(particles), dtype=np.uint64)
-    prefix = f"{seed}:{salt}:".encode()
-    for i, (path, index) in enumerate(zip(particles.stack_paths, particles.stack_indices)):
-        name = f"{int(index)}@{os.path.basename(str(path))}".encode()
-        keys[i] = int.from_bytes(hashlib.blake2b(prefix + name, digest_size=8).digest(), "little")
-    return keys
-
-
-def _by_key(index: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """``index`` sorted by ``keys[index]`` (ties, i.e. duplicated images, by position)."""
-    return index[np.lexsort((index, keys[index]))]
+    return image_keys(particles.stack_paths, particles.stack_indices, seed, salt)
 
 
 def assign_halves(particles: ParticleSet, seed: int) -> tuple[np.ndarray, bool]:
     """Gold-standard half labels (1 or 2) for every particle.
 
     Uses ``rlnRandomSubset`` when every particle has one; otherwise a seeded random split into two
-    halves of equal size, drawn from the image names (never even/odd order, never row order).
+    halves of equal size (``ceil(n/2)`` in half 1), drawn from the image names (never even/odd
+    order, never row order; :func:`numba_recon.io.names.keyed_half_sets`, as the ``.thu`` reader).
     Returns ``(labels (n,) int8, from_input)``.
     """
     given = np.asarray(particles.half_set)
     if given.size and np.all((given == 1) | (given == 2)):
         return given.astype(np.int8), True
-    n = len(particles)
-    labels = np.ones(n, dtype=np.int8)
-    order = _by_key(np.arange(n), particle_keys(particles, seed, 7001))
-    labels[order[n // 2:]] = 2
-    return labels, False
+    return keyed_half_sets(particles.stack_paths, particles.stack_indices, seed), False
 
 
 def assign_cross_validation(halves: np.ndarray, fraction: float, seed: int,
@@ -76,7 +62,7 @@ def assign_cross_validation(halves: np.ndarray, fraction: float, seed: int,
     cv = np.zeros(halves.shape, dtype=bool)
     if fraction <= 0:
         return cv
-    keys = particle_keys(particles, seed, 7002) if particles is not None else None
+    keys = particle_keys(particles, seed, HOLDOUT_SALT) if particles is not None else None
     for h in (1, 2):
         idx = np.flatnonzero(halves == h)
         k = int(round(fraction * idx.size))
@@ -85,7 +71,7 @@ def assign_cross_validation(halves: np.ndarray, fraction: float, seed: int,
         else:
             k = 0
         if keys is not None:
-            chosen = _by_key(idx, keys)[:k]
+            chosen = order_by_key(idx, keys)[:k]
         else:
             chosen = np.random.default_rng([seed, 7002, h]).choice(idx, size=k, replace=False)
         cv[chosen] = True
@@ -113,8 +99,10 @@ def shift_phase(box_size: int, shifts_px: np.ndarray) -> np.ndarray:
     ky = np.fft.fftfreq(n) * n
     kx = np.fft.rfftfreq(n) * n
     s = np.asarray(shifts_px, dtype=np.float64)
-    phase = -2j * np.pi / n * (kx[None, None, :] * s[:, 0, None, None] + ky[None, :, None] * s[:, 1, None, None])
-    return np.exp(phase).astype(np.complex64)
+    # the ramp is separable: two small exponentials per image and an outer product
+    ramp_x = np.exp(-2j * np.pi / n * kx[None, :] * s[:, 0, None])
+    ramp_y = np.exp(-2j * np.pi / n * ky[None, :] * s[:, 1, None])
+    return (ramp_y[:, :, None] * ramp_x[:, None, :]).astype(np.complex64)
 
 
 def rfft_half(full: np.ndarray) -> np.ndarray:
@@ -229,9 +217,9 @@ class BatchLoader:
         premult = p.ctf_premultiplied[index]
         h_half = np.where(premult[:, None, None], ctf_half * ctf_half, ctf_half)
         h_full = np.where(premult[:, None, None], ctf_full * ctf_full, ctf_full)
-        spectrum = np.fft.rfft2(images) * shift_phase(box, p.shifts_px[index])
-        shifted = np.fft.irfft2(spectrum, s=(box, box))
-        data = np.fft.irfft2(spectrum * h_half, s=(box, box)).astype(np.float32)
+        spectrum = scipy.fft.rfft2(images, workers=-1) * shift_phase(box, p.shifts_px[index])
+        shifted = scipy.fft.irfft2(spectrum, s=(box, box), workers=-1)
+        data = scipy.fft.irfft2(spectrum * h_half, s=(box, box), workers=-1).astype(np.float32)
         norm2 = np.einsum("bij,bij->b", shifted, shifted, dtype=np.float64).astype(np.float32)
         bg = images[:, self._bg]
         noise_var = bg.var(axis=1, dtype=np.float64).astype(np.float32)

@@ -573,8 +573,8 @@ class Reconstruction:
     def _restore_cg(self, ckpt: Any) -> RunState:
         a = ckpt.arrays
         solver = dict(ckpt.state["solver"])
-        v, r = a["cg_v"].astype(np.float32), a["cg_r"].astype(np.float32)
-        solver["cg"] = CGState(v, r, np.zeros_like(r), np.zeros(2), bool(solver["exact"]))
+        solver["cg"] = CGState(a["cg_v"].astype(np.float32), a["cg_r"].astype(np.float32),
+                               a["cg_p"].astype(np.float32), a["cg_rz"].astype(np.float64), bool(solver["exact"]))
         solver["kernels"] = a["cg_kernels"].astype(np.float32)
         solver["inv_tau2"] = a["cg_inv_tau2"].astype(np.float64)
         solver["best_volumes"] = (a["cg_best_volumes"] if "cg_best_volumes" in a else ckpt.volumes).astype(np.float32)
@@ -583,11 +583,6 @@ class Reconstruction:
                         halves=ckpt.arrays["half_set"].astype(np.int8), cv=ckpt.arrays["cv"].astype(bool),
                         scores_prev=ckpt.arrays["scores_prev"].astype(np.float64),
                         history=list(ckpt.state.get("history", [])), solver=solver)
-        # every pass restarts the directions, so the direction is the preconditioned residual: it
-        # is recomputed rather than stored (checkpoints stay small and resume stays bitwise exact)
-        objective = self._objective(st)
-        for h in (0, 1):
-            cg_direction(solver["cg"], h, objective.precondition(solver["cg"].r[h], h), restart=True)
         return st
 
     def _train_index(self, st: RunState) -> list[np.ndarray]:
@@ -829,13 +824,11 @@ class Reconstruction:
                     objective.kernels = np.stack([full_to_half(kernel_full[h]) for h in (0, 1)]).astype(np.float32)
                     st.solver["kernels"] = objective.kernels
                 maps = np.stack([objective.mask * cg.v[h] for h in (0, 1)]).astype(np.float32)
-                # the learned prior follows the new FSC; the residual moves with it exactly
-                data_part = [cg.r[h].astype(np.float64) + objective.prior_term(cg.v[h], h) for h in (0, 1)]
-                objective.update_prior(fsc(maps[0], maps[1]))
+                # conjugate directions while the objective stays the same; a robust loss changes the
+                # weights (and the kernel) every pass, and the directions restart
+                restart = not cg.exact or kernel_full is not None
                 for h in (0, 1):
-                    cg.r[h] = data_part[h] - objective.prior_term(cg.v[h], h)
-                    # the objective moved (prior; weights and kernel with a robust loss): restart the directions
-                    betas[h] = cg_direction(cg, h, objective.precondition(cg.r[h], h), restart=True)
+                    betas[h] = cg_direction(cg, h, objective.precondition(cg.r[h], h), restart=restart)
                 st.step += 1
             cg.exact = not self.schedule.active(epoch + 1)
             st.solver["exact"] = cg.exact
@@ -921,7 +914,7 @@ class Reconstruction:
             sv = st.solver
             cg = sv["cg"]
             arrays = {"half_set": st.halves, "cv": st.cv, "scores_prev": st.scores_prev, "cg_v": cg.v, "cg_r": cg.r,
-                      "cg_kernels": sv["kernels"], "cg_inv_tau2": sv["inv_tau2"]}
+                      "cg_p": cg.p, "cg_rz": cg.rz, "cg_kernels": sv["kernels"], "cg_inv_tau2": sv["inv_tau2"]}
             if sv["best_epoch"] != st.epoch:  # otherwise the best maps are the current ones
                 arrays["cg_best_volumes"] = sv["best_volumes"]
             small = {k: v for k, v in sv.items() if k not in ("cg", "kernels", "inv_tau2", "best_volumes")}

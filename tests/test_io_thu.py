@@ -62,7 +62,7 @@ def test_read_thu_converts_units_and_signs():
     assert p.stack_paths.tolist() == [STACK_A] * 3
     assert p.table["rlnGroupNumber"].tolist() == [1, 1, 2]
     assert p.table["thuScore"].tolist() == [0.85, 0.7, 0.6] and p.table["thuK3"].tolist() == [31.0, 10.0, 5.0]
-    assert p.meta["half_split"] == {"method": "seeded random permutation", "seed": 0}
+    assert p.meta["half_split"] == {"method": "seeded hash of the image names", "seed": 0}
     assert sorted(p.half_set.tolist()) == [1, 1, 2]
 
 

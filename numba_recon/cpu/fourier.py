@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 from numba import njit, prange
 
 from numba_recon.cpu import _support
@@ -49,9 +50,9 @@ def fourier_filter(images: np.ndarray, filters: np.ndarray, out: np.ndarray) -> 
     _support.check_array("out", out, (nb, n, n), images.dtype)
     if nb == 0:
         return
-    spectrum = np.fft.rfft2(images)
+    spectrum = scipy.fft.rfft2(images, workers=-1)  # all cores: the batch's transforms are independent
     spectrum *= _even_half(filters)
-    out[...] = np.fft.irfft2(spectrum, s=(n, n))
+    out[...] = scipy.fft.irfft2(spectrum, s=(n, n), workers=-1)
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -27,7 +27,8 @@ Columns (0-based, THUNDER ``include/Database.h``) and their conversion to numba-
 
 Lines that are blank or contain ``#`` anywhere are comments (as in THUNDER). The file has no
 pixel size, box size or half sets: the pixel size must be given, the box comes from the stacks,
-and half sets are a seeded random split (recorded in ``ParticleSet.meta``).
+and half sets are a seeded random split drawn from the image names, so that the same particles
+in any row order get the same halves (recorded in ``ParticleSet.meta``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from numba_recon.errors import InputError, InputFileError, OutputError
 from numba_recon.geometry import matrix_to_euler, matrix_to_quaternion, quaternion_to_matrix
 from numba_recon.io import atomic_output
 from numba_recon.io.mrc import factorize_paths
+from numba_recon.io.names import keyed_half_sets
 from numba_recon.io.star import RowProblems, check_stacks, format_image_names, resolve_image_names
 from numba_recon.particles import ParticleSet
 
@@ -67,7 +69,7 @@ _EXTRA_LABELS = {17: "thuK1", 18: "thuK2", 19: "thuK3", 22: "thuStdTranslationX"
 _MICROGRAPH_PLACEHOLDER = "None"
 
 
-def random_half_sets(n: int, seed: int) -> np.ndarray:
+def random_half_sets(n: int, seed: int) -> np.ndarray:  # kept for callers that have no image names
     """Seeded random gold-standard split: ``(n,)`` int8 of 1 and 2, sizes ``ceil(n/2)`` and ``floor(n/2)``."""
     half = np.full(n, 2, dtype=np.int8)
     perm = np.random.default_rng(seed).permutation(n)
@@ -217,7 +219,7 @@ def read_thu(path: str | os.PathLike, *, angpix: float | None, root: str | os.Pa
         "scale": np.ones(n),
     }
     class_number = np.round(num[:, 12]).astype(np.int64) + 1
-    half_set = random_half_sets(n, seed)
+    half_set = keyed_half_sets(stack_paths[sel], stack_indices[sel], seed)
     angles = matrix_to_euler(rotations).reshape(-1, 3)
     table = pd.DataFrame({
         "rlnImageName": txt[:, 7].astype(str),
@@ -261,7 +263,7 @@ def read_thu(path: str | os.PathLike, *, angpix: float | None, root: str | os.Pa
             "pixel_size_source": "--angpix",
             "n_stacks": int(len(factorize_paths(stack_paths[sel])[1])),
             "root": None if root is None else os.path.abspath(root),
-            "half_split": {"method": "seeded random permutation", "seed": int(seed)},
+            "half_split": {"method": "seeded hash of the image names", "seed": int(seed)},
             "defocus_factor_applied": True,
         },
     )

@@ -1,0 +1,159 @@
+"""The default solver end to end: direct reconstruction, stopping on the held-out loss, the same
+maps whatever the row order or the file format, and quality against the truth and against adam."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from numba_recon.cli import main
+
+BOX = 32
+ANGPIX = 3.0
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from numba_recon.simulate import simulate_dataset
+
+    path = tmp_path_factory.mktemp("solver") / "data"
+    simulate_dataset(path, n_particles=1200, box_size=BOX, pixel_size_angstrom=ANGPIX, snr=0.05, max_shift_px=2.0,
+                     seed=11, particles_per_stack=400)
+    return path
+
+
+def _run(runner, star: Path, out: Path, *extra: str) -> dict:
+    res = runner.invoke(main, ["-q", "run", str(star), "-o", str(out), "--backend", "cpu", *extra])
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "summary.json").read_text())
+
+
+def _maps(out: Path) -> np.ndarray:
+    from numba_recon.io.mrc import read_volume
+
+    return np.stack([read_volume(out / f"run_half{h}_class001_unfil.mrc")[0] for h in (1, 2)])
+
+
+def _vs_truth(out: Path, data: Path) -> float:
+    from numba_recon.evaluate.fsc import fsc, resolution_at
+    from numba_recon.io.mrc import read_volume
+
+    truth, _ = read_volume(data / "truth.mrc")
+    maps = _maps(out)
+    return resolution_at(fsc(maps.mean(axis=0), truth), BOX, ANGPIX, 0.5)
+
+
+def _history(out: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(out / "history.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def default_run(data, tmp_path_factory):
+    from click.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("runs") / "default"
+    return out, _run(CliRunner(), data / "particles.star", out)
+
+
+def test_one_epoch_is_the_direct_reconstruction(data, tmp_path, runner, default_run):
+    out = tmp_path / "direct"
+    summary = _run(runner, data / "particles.star", out, "--epochs", "1")
+    assert summary["solver"]["passes"] == 1 and summary["solver"]["best_pass"] == 1
+    assert len(_history(out)) == 1
+    # the one-pass map is already close to the converged one
+    assert _vs_truth(out, data) <= _vs_truth(default_run[0], data) * 1.1
+    assert _vs_truth(out, data) < 4 * ANGPIX
+
+
+def test_final_maps_have_the_lowest_held_out_loss(default_run):
+    out, summary = default_run
+    rows = _history(out)
+    cv = [float(r["cv_loss"]) for r in rows]
+    best = summary["solver"]["best_pass"]
+    assert cv[best - 1] == min(cv)
+    assert summary["solver"]["stop_reason"]
+    # the maps written are the best pass's: their held-out loss is recomputed from the files
+    from numba_recon.checkpoint import load_latest
+
+    ckpt = load_latest(out)
+    np.testing.assert_array_equal(_maps(out), (ckpt.arrays.get("cg_best_volumes", ckpt.volumes)))
+
+
+def test_cg_is_at_least_as_good_as_adam(data, tmp_path, runner, default_run):
+    out = tmp_path / "adam"
+    _run(runner, data / "particles.star", out, "--optimizer", "adam", "--epochs", "10")
+    assert _vs_truth(default_run[0], data) <= _vs_truth(out, data)
+
+
+def test_particle_diameter_given_or_estimated(data, tmp_path, runner, default_run):
+    solver = default_run[1]["solver"]
+    assert solver["particle_diameter_source"] == "estimated"
+    # the phantom lies within ~0.35 of the box (radius); the estimate is generous but inside the box
+    assert 0.5 * BOX * ANGPIX < solver["particle_diameter_angstrom"] <= (BOX - 2) * ANGPIX
+    summary = _run(runner, data / "particles.star", tmp_path / "given", "--particle-diameter", "60", "--epochs", "1")
+    assert summary["solver"]["particle_diameter_source"] == "given"
+    assert summary["solver"]["particle_diameter_angstrom"] == pytest.approx(60.0)
+    assert summary["solver"]["support_radius_px"] == pytest.approx(60 / 2 / ANGPIX + 5)
+
+
+def _rewrite_rows(star: Path, out: Path, order: np.ndarray, drop_subsets: bool) -> None:
+    """The same STAR file with its particle rows in ``order`` (text kept exactly), optionally
+    without the rlnRandomSubset column."""
+    lines = star.read_text().splitlines()
+    start = lines.index("data_particles")
+    labels = [i for i in range(start, len(lines)) if lines[i].startswith("_rln")]
+    rows = [i for i in range(labels[-1] + 1, len(lines)) if lines[i].strip()]
+    names = [lines[i].split()[0] for i in labels]
+    drop = names.index("_rlnRandomSubset") if drop_subsets else None
+    header = [lines[i] for i in range(labels[0])]
+    label_lines = [f"{name} #{k + 1}" for k, name in enumerate(n for j, n in enumerate(names) if j != drop)]
+    body = []
+    for i in np.asarray(rows)[order]:
+        fields = lines[i].split()
+        if drop is not None:
+            del fields[drop]
+        body.append(" ".join(fields))
+    out.write_text("\n".join(header + label_lines + body) + "\n")
+
+
+def test_row_order_and_format_do_not_change_the_maps(data, tmp_path, runner):
+    """Without rlnRandomSubset the halves and the hold-out come from the image names: the same
+    particles in reversed and shuffled row order, and as a .thu file, give the same maps to float
+    summation order."""
+    n = 1200
+    plain = data / "plain.star"  # beside Particles/, which the image paths are relative to
+    _rewrite_rows(data / "particles.star", plain, np.arange(n), drop_subsets=True)
+    shuffled = data / "shuffled.star"
+    _rewrite_rows(data / "particles.star", shuffled, np.random.default_rng(3).permutation(n), drop_subsets=True)
+    thu = data / "plain.thu"
+    res = runner.invoke(main, ["convert", str(plain), str(thu)])
+    assert res.exit_code == 0, res.output
+    common = ["--epochs", "3", "--no-early-stop"]
+    ref = _maps((_run(runner, plain, tmp_path / "a", *common), tmp_path / "a")[1])
+    for star, extra in ((shuffled, []), (thu, ["--angpix", str(ANGPIX)])):
+        out = tmp_path / star.stem
+        _run(runner, star, out, *common, *extra)
+        rel = np.abs(_maps(out) - ref).max() / np.abs(ref).max()
+        assert rel < 1e-4, (star.name, rel)
+
+
+def test_robust_losses_run_their_passes(tmp_path, runner):
+    """A robust loss is active for at least two passes before the run may stop, and drops junk."""
+    from numba_recon.simulate import simulate_dataset
+
+    path = tmp_path / "junk"
+    simulate_dataset(path, n_particles=800, box_size=24, pixel_size_angstrom=4.0, snr=0.2, max_shift_px=2.0,
+                     junk_fraction=0.4, junk_kinds=("noise",), seed=5, particles_per_stack=400)
+    out = tmp_path / "trimmed"
+    summary = _run(runner, path / "particles.star", out, "--loss", "trimmed")
+    rows = _history(out)
+    assert len(rows) >= 4
+    kept = [float(r["kept_fraction"]) for r in rows]
+    assert kept[0] == 1.0 and kept[1] == 1.0 and kept[-1] < 0.75
+    assert summary["solver"]["best_pass"] >= 3
