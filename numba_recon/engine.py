@@ -37,7 +37,7 @@ RUN_PREFIX = "run"
 
 #: The CG solver stops when a pass lowers the held-out loss by less than this fraction of what the
 #: direct reconstruction gained over a blank map.
-CV_TOLERANCE = 0.002
+CV_TOLERANCE = 0.005
 
 
 @dataclass

@@ -325,6 +325,20 @@ def _command_line() -> str:
     return shlex.join(argv)
 
 
+def _solver_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """Report rows saying how the default solver ended: the pass whose maps were kept, and why."""
+    solver = summary.get("solver") or {}
+    if solver.get("optimizer") != "cg":
+        return [("Solver", str(summary.get("config", {}).get("optimizer", "adam")))]
+    return [
+        ("Solver", "direct reconstruction + preconditioned conjugate gradients (prior learned from the FSC)"),
+        ("Maps kept", f"pass {solver.get('best_pass')} of {solver.get('passes')} (lowest held-out loss); "
+                      f"{solver.get('stop_reason')}"),
+        ("Particle diameter", f"{_fmt(solver.get('particle_diameter_angstrom'), '.1f', ' ' + ANG)} "
+                              f"({solver.get('particle_diameter_source')})"),
+    ]
+
+
 def write_run_outputs(job: "Reconstruction", st: "RunState", losses: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     """Write every output of a finished run (rank 0 only). Returns the summary dictionary."""
     from numba_recon.evaluate.fsc import fsc, plot_fsc, resolution_at
@@ -602,6 +616,7 @@ def write_html_report(out_dir: str | os.PathLike) -> Path:
         ("Half sets", f"{summary.get('half_set_sizes')} particles, {summary.get('cross_validation_particles')} "
                       "held out for cross-validation"),
         ("Loss", str(cfg.get("loss", "n/a"))),
+        *_solver_rows(summary),
         ("Epochs / optimiser steps", f"{summary.get('epochs')} / {summary.get('steps')}"),
         ("Backend / MPI ranks", f"{summary.get('backend')} / {summary.get('ranks')}"),
         ("Particles file", str(cfg.get("particles", "n/a"))),
@@ -661,6 +676,10 @@ def write_html_report(out_dir: str | os.PathLike) -> Path:
                     ("Final maps", f"exact projection onto symmetric maps ({sym.get('basis_functions')} basis "
                                    f"functions, {sym.get('projection_iterations')} CG iterations, relative residual "
                                    f"{_fmt(sym.get('projection_relative_residual'), '.1e')})")]
+        if sym.get("final_maps") == "group average":
+            sym_rows[1:] = [("During the run", "sampling density, data and every pass's residual averaged over the "
+                                               "group, each half map on its own"),
+                            ("Final maps", "group average of each half map (docs/symmetry.md)")]
         sections.append(_section("symmetry", "Symmetry", _table(sym_rows)))
     sections.append(_section("command", "Command line",
                              f"<pre>{html.escape(str(summary.get('command_line', 'n/a')))}</pre>"))

@@ -64,7 +64,7 @@ def test_info_relion30_and_optics_groups(runner):
 def test_info_thu_and_angpix(runner):
     s = json.loads(_ok(runner, ["info", str(DATA / "particles.thu"), "--angpix", "1.06", "--json"]).stdout)
     assert s["format"] == "thu" and s["pixel_size_angstrom"] == 1.06 and s["n_particles"] == 3
-    assert s["half_split"] == {"method": "seeded random permutation", "seed": 0}
+    assert s["half_split"] == {"method": "seeded hash of the image names", "seed": 0}
     assert s["classes"] == {"1": 2, "2": 1}
     assert s["defocus_max_angstrom"] == pytest.approx(19600.0)  # 20000 x defocus factor 0.98
 

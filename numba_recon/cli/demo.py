@@ -26,7 +26,7 @@ from numba_recon.cli._common import handle_errors, prepare_output_dir
 @click.option("--particles", "n_particles", type=int, default=5000, show_default=True, help="Number of particles.")
 @click.option("--box-size", type=int, default=64, show_default=True, help="Box size in pixels.")
 @click.option("--angpix", type=float, default=2.0, show_default=True, help="Pixel size in Angstrom.")
-@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--epochs", type=int, default=None, help="Most passes (default: the solver's, 8).")
 @click.option("--sym", "symmetry", default="C1", show_default=True, help="Point group used by the reconstruction.")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
