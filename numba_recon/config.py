@@ -54,6 +54,9 @@ class RunConfig:
     particle_diameter
         Particle diameter in Angstrom: the support prior (a soft-edged sphere) of the ``cg``
         solver; None estimates it from the data.
+    precondition
+        ``adam``: precondition every minibatch gradient with the Fourier model of the normal
+        operator (one extra pass builds it); ``cg`` always preconditions.
     early_stop
         ``cg``: stop when the held-out loss stops improving (otherwise run all ``epochs``; the maps
         with the lowest held-out loss are kept either way).
@@ -92,6 +95,7 @@ class RunConfig:
     optimizer: str = "cg"
     particle_diameter: float | None = None
     early_stop: bool = True
+    precondition: bool = False
     backend: str = "auto"
     seed: int = 0
     angpix: float | None = None

@@ -403,6 +403,33 @@ class Reconstruction:
                 log.info("half maps projected onto %s-symmetric maps (%d basis functions, %.1f s)",
                          self.config.symmetry, space.n_functions, self.timings["symmetrize_s"])
 
+    def _build_adam_preconditioner(self, st: RunState) -> Any:
+        """``--optimizer adam --precondition``: one extra pass grids the sampling density ``K_h``
+        (as the default solver's pass 1), and every minibatch gradient is then multiplied by
+        ``<K_h> (K_h + <K_h>_shell)^-1`` in Fourier space inside the support sphere (the solver's
+        preconditioner with a prior of SSNR 1 per shell, so weakly sampled frequencies are not
+        amplified, scaled to keep the unit of ``--lr``)."""
+        from numba_recon.objective import Objective, full_to_half
+
+        t0 = time.perf_counter()
+        _, kernel_full = self._kernel_pass(st)
+        kernel_full = self._symmetrize_cg(kernel_full, fourier=True)
+        kernels = np.stack([full_to_half(kernel_full[h]) for h in (0, 1)])
+        objective = Objective.create(self.box, self._support_mask().astype(np.float64), kernels)
+        for h in (0, 1):  # a prior of SSNR 1 per shell: weakly sampled frequencies are not amplified
+            objective.inv_tau2[h] = objective.shell_mean_kernel(h)
+            objective.inv_tau2[h][0] = 0.0
+        scale = [float(np.mean(kernels[h])) for h in (0, 1)]
+        self.timings["preconditioner_s"] = time.perf_counter() - t0
+        if self.comm.is_root:
+            log.info("adam: gradients preconditioned by the Fourier model of the normal operator (%.1f s)",
+                     self.timings["preconditioner_s"])
+
+        def apply(g: np.ndarray, h: int) -> np.ndarray:
+            return (scale[h] * objective.precondition(g.astype(np.float64), h)).astype(np.float32)
+
+        return apply
+
     def _lr_factor(self, epoch: int, step: int, n_steps: int) -> float:
         """Cosine decay of the step size from 1 to 0.05 over the run: large steps find the map,
         small ones settle the minibatch noise so the iterates approach the minimum."""
@@ -463,6 +490,9 @@ class Reconstruction:
                     g[h] += np.float32(2.0 * n_h * cfg.reg_lambda**2) * st.volumes[h]
                 else:
                     g[h] = 0.0
+            if self._adam_preconditioner is not None:
+                for h in (0, 1):
+                    g[h] = self._adam_preconditioner(g[h], h)
             self._symmetrize(g)
             adam_step(st.volumes, g, st.adam, st.lr_abs * self._lr_factor(epoch, k, n_steps))
             st.step += 1
@@ -531,6 +561,7 @@ class Reconstruction:
                 self._write_split(st)
         self.state = st
         be = self.backend
+        self._adam_preconditioner = self._build_adam_preconditioner(st) if cfg.precondition else None
         self._volume_dev = [be.to_device(st.volumes[0]), be.to_device(st.volumes[1])]
         log.info("%d particles (half 1: %d, half 2: %d; %d held out), box %d, %.3f A/px, backend %s, %d rank(s)",
                  len(self.particles), int(np.sum(st.halves == 1)), int(np.sum(st.halves == 2)), int(st.cv.sum()),

@@ -212,12 +212,14 @@ def test_a_failing_rank_aborts_the_job(small_set, tmp_path):
 
 
 def test_cuda_backend_in_the_simulator(tmp_path, runner):
-    """The whole engine on the CUDA backend (Numba's CUDA simulator) at a tiny box."""
+    """The whole engine on the CUDA backend (Numba's CUDA simulator) at a tiny box: the solver's
+    first pass (back-projection and gridded sampling density) and one CG pass."""
     from numba_recon.cli import main
 
     star = _simulate(tmp_path / "tiny", n=16, box=10, angpix=6.0)
     out = tmp_path / "recon"
-    res = runner.invoke(main, ["-q", "run", str(star), "-o", str(out), "--epochs", "1", "--backend", "cuda",
+    res = runner.invoke(main, ["-q", "run", str(star), "-o", str(out), "--epochs", "2", "--backend", "cuda",
                                "--batch-size", "8", "--cv-fraction", "0"])
     assert res.exit_code == 0, res.output
     assert np.isfinite(_maps(out)).all() and np.abs(_maps(out)).max() > 0
+    assert json.loads((out / "summary.json").read_text())["solver"]["passes"] == 2

@@ -52,6 +52,9 @@ def parse_keep_fraction(value: str) -> tuple[float | None, float | None]:
 @click.option("--early-stop/--no-early-stop", default=True, show_default=True,
               help="cg: stop when the held-out loss stops improving (the maps with the lowest held-out loss are "
                    "kept either way).")
+@click.option("--precondition", is_flag=True,
+              help="adam: precondition the minibatch gradients with the Fourier model of the normal operator "
+                   "(built in one extra pass); cg always does.")
 @click.option("--particle-diameter", type=float, default=None,
               help="Particle diameter in Angstrom (RELION's --particle_diameter): cg keeps the map in a soft-edged "
                    "sphere of this diameter.  [default: estimated from the data]")
