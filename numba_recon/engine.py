@@ -825,6 +825,9 @@ class Reconstruction:
                  int(st.cv.sum()), n, self.angpix, self.backend.name, self.comm.size)
         if st.solver is not None:
             self.radius = float(st.solver["kernel_radius_px"])
+            if st.solver["stopped"] and st.epoch < cfg.epochs and self.comm.is_root:
+                log.info("the run had already stopped (%s): no further passes; rerun with --no-early-stop "
+                         "in a new folder to go on", st.solver["stopped"])
         n_train = int(np.sum(~st.cv))
         while st.epoch < cfg.epochs and not (st.solver or {}).get("stopped"):
             epoch = st.epoch

@@ -364,3 +364,19 @@ def test_more_images_per_stack_than_particles(runner, tmp_path):
     assert len(stacks) == 1
     with mrcfile.open(stacks[0]) as mrc:
         assert mrc.data.shape[0] == 5
+
+
+def test_help_without_importlib_util_preloaded():
+    """``numba-recon --help`` lists the commands even in an interpreter where nothing imported
+    ``importlib.util`` before the CLI (a plain, non-editable install)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib\n"
+            "sys.modules.pop('importlib.util', None)\n"
+            "if hasattr(importlib, 'util'): delattr(importlib, 'util')\n"
+            "from numba_recon.cli import main\n"
+            "main(['--help'], standalone_mode=False)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "reconstruct" in res.stdout.lower() and "demo" in res.stdout

@@ -7,6 +7,7 @@ run, so ``numba-recon --help`` and ``--version`` start instantly.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 
