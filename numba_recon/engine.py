@@ -620,7 +620,7 @@ class Reconstruction:
         return [np.flatnonzero((st.halves == h + 1) & ~st.cv) for h in (0, 1)]
 
     def _kernel_pass(self, st: RunState) -> tuple[np.ndarray, np.ndarray]:
-        """Pass 0: the back-projected data ``b_h = sum w_i/sigma_i^2 P^T H_i T^-1 b_i`` and the
+        """The first pass: the back-projected data ``b_h = sum w_i/sigma_i^2 P^T H_i T^-1 b_i`` and the
         gridded sampling density ``K_h`` of both halves, summed over ranks in ONE reduction.
         Returns ``b (2, N, N, N)`` float64 and ``K (2, N, N, N)`` (full DFT grid) float64."""
         from numba_recon.objective import splat_transfer2
@@ -755,7 +755,7 @@ class Reconstruction:
         return maps
 
     def _cg_start(self, st: RunState) -> None:
-        """Pass 0, the support, the learned prior, the direct reconstruction and the CG state."""
+        """The first pass, the support, the learned prior, the direct reconstruction and the CG state."""
         from numba_recon.objective import SOFT_EDGE_PX, Objective, estimate_particle_radius, full_to_half, soft_sphere
 
         cfg = self.config
@@ -805,8 +805,8 @@ class Reconstruction:
                          np.asarray(sv["ridge"], np.float64))
 
     def _run_cg(self) -> dict[str, Any]:
-        """The default solver: pass 0 builds the direct reconstruction, every further pass is one
-        preconditioned conjugate-gradient iteration; stop when the held-out loss stops improving."""
+        """The default solver: the first pass builds the direct reconstruction, every further pass is
+        one preconditioned conjugate-gradient iteration; stop when the held-out loss stops improving."""
         from numba_recon.evaluate.fsc import fsc, resolution_at
 
         cfg = self.config
@@ -833,7 +833,7 @@ class Reconstruction:
             epoch = st.epoch
             self._fault("epoch", epoch)
             t0 = time.perf_counter()
-            alphas, betas = [float("nan")] * 2, [float("nan")] * 2
+            alphas = [float("nan")] * 2
             if st.solver is None:
                 self._cg_start(st)
                 objective = self._objective(st)
@@ -862,7 +862,7 @@ class Reconstruction:
                 # weights (and the kernel) every pass, and the directions restart
                 restart = not cg.exact or kernel_full is not None
                 for h in (0, 1):
-                    betas[h] = cg_direction(cg, h, objective.precondition(cg.r[h], h), restart=restart)
+                    cg_direction(cg, h, objective.precondition(cg.r[h], h), restart=restart)
                 st.step += 1
             cg.exact = not self.schedule.active(epoch + 1)
             st.solver["exact"] = cg.exact
