@@ -828,6 +828,10 @@ class Reconstruction:
             if st.solver["stopped"] and st.epoch < cfg.epochs and self.comm.is_root:
                 log.info("the run had already stopped (%s): no further passes; rerun with --no-early-stop "
                          "in a new folder to go on", st.solver["stopped"])
+        if cfg.initial_map and st.solver is None and self.comm.is_root:
+            log.warning("--initial-map is not used by the cg solver: its first map is the direct reconstruction "
+                        "of each half set, so no start map is needed (or shared between the halves); use "
+                        "--optimizer adam to start from %s", cfg.initial_map)
         n_train = int(np.sum(~st.cv))
         while st.epoch < cfg.epochs and not (st.solver or {}).get("stopped"):
             epoch = st.epoch

@@ -168,3 +168,25 @@ def test_adam_with_the_preconditioner_converges_faster(data, tmp_path, runner):
     summary = _run(runner, data / "particles.star", pre, "--optimizer", "adam", "--epochs", "3", "--precondition")
     assert summary["timings_s"]["preconditioner_s"] > 0
     assert _vs_truth(pre, data) <= _vs_truth(plain, data)
+
+
+def test_initial_map_is_not_used_by_cg_and_says_so(data, tmp_path, caplog):
+    """A start map cannot couple the halves in the default solver: it is ignored, with a warning."""
+    import logging
+
+    from numba_recon.config import RunConfig
+    from numba_recon.engine import run
+
+    noise = tmp_path / "noise.mrc"
+    from numba_recon.io.mrc import write_volume
+
+    write_volume(noise, np.random.default_rng(0).standard_normal((BOX,) * 3).astype(np.float32), ANGPIX)
+    maps = []
+    for name, initial in (("plain", None), ("start", str(noise))):
+        cfg = RunConfig(particles=str(data / "particles.star"), out_dir=str(tmp_path / name), epochs=1,
+                        backend="cpu", initial_map=initial)
+        with caplog.at_level(logging.WARNING):
+            run(cfg, progress=False)
+        maps.append(_maps(tmp_path / name))
+    assert "--initial-map is not used by the cg solver" in caplog.text
+    np.testing.assert_array_equal(maps[0], maps[1])

@@ -77,7 +77,8 @@ def parse_keep_fraction(value: str) -> tuple[float | None, float | None]:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="Continue the run in this folder from its newest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace the results in an existing output folder.")
-@click.option("--initial-map", type=click.Path(dir_okay=False), default=None, help="Start both halves from this map.")
+@click.option("--initial-map", type=click.Path(dir_okay=False), default=None,
+              help="adam: start both halves from this map (cg starts from the direct reconstruction and ignores it).")
 @click.option("--loss", type=click.Choice(["l2", "trimmed", "sorted", "reweighted"]), default="l2", show_default=True,
               help="Per-particle loss: plain least squares, trimmed (sorted) or iteratively reweighted.")
 @click.option("--keep-fraction", default="auto", show_default=True,
