@@ -54,6 +54,8 @@ class RunConfig:
     particle_diameter
         Particle diameter in Angstrom: the support prior (a soft-edged sphere) of the ``cg``
         solver; None estimates it from the data.
+    drop_duplicates
+        Keep the first row of each image when rows repeat an image (otherwise such input is refused).
     precondition
         ``adam``: precondition every minibatch gradient with the Fourier model of the normal
         operator (one extra pass builds it); ``cg`` always preconditions.
@@ -96,6 +98,7 @@ class RunConfig:
     particle_diameter: float | None = None
     early_stop: bool = True
     precondition: bool = False
+    drop_duplicates: bool = False
     backend: str = "auto"
     seed: int = 0
     angpix: float | None = None

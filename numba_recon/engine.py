@@ -153,6 +153,7 @@ class Reconstruction:
         self._warm_up_kernels()
         self.particles = read_particles(config.particles, angpix=config.angpix, root=config.root,
                                         class_number=config.class_number, seed=config.seed)
+        self._check_duplicates()
         if len(self.particles) < 4:
             raise InputFileError(f"only {len(self.particles)} particles", config.particles,
                                  "a reconstruction needs at least 4 particles (2 per half set)")
@@ -174,6 +175,30 @@ class Reconstruction:
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
+    def _check_duplicates(self) -> None:
+        """Refuse (or, with ``--drop-duplicates``, drop) rows that repeat an earlier row's image.
+
+        The same image in both half sets correlates them: the gold-standard FSC would report a
+        resolution the data do not support. In one half set it would count twice.
+        """
+        from numba_recon.read import duplicate_images
+
+        repeated = duplicate_images(self.particles)
+        if repeated.size == 0:
+            return
+        p = self.particles
+        first = int(repeated[0])
+        example = f"row {first + 1}: {int(p.stack_indices[first])}@{Path(str(p.stack_paths[first])).name}"
+        if not self.config.drop_duplicates:
+            raise InputFileError(
+                f"{repeated.size} particle row(s) repeat the image of an earlier row ({example}); one image in "
+                "both half sets would inflate the resolution", self.config.particles,
+                "remove the repeated rows, or add --drop-duplicates to keep the first row of each image")
+        keep = np.setdiff1d(np.arange(len(p)), repeated)
+        self.particles = p.subset(keep)
+        log.warning("dropped %d particle row(s) that repeat an earlier row's image (%s); %d particles remain",
+                    repeated.size, example, len(self.particles))
+
     def _warm_up_kernels(self) -> None:
         """Compile (or load from Numba's cache) every kernel on rank 0 first, then on the others:
         ranks compiling at once race on the on-disk cache."""

@@ -21,6 +21,16 @@ __all__ = ["PARTICLE_SUFFIXES", "read_particles"]
 PARTICLE_SUFFIXES = (".star", ".thu")
 
 
+def duplicate_images(particles: ParticleSet) -> np.ndarray:
+    """Rows whose image (the same index of the same stack file) already appeared in an earlier row,
+    ``(k,)`` int64 row numbers (0-based)."""
+    names = [f"{int(i)}@{os.path.realpath(str(p))}" for p, i in zip(particles.stack_paths, particles.stack_indices)]
+    _, first = np.unique(np.asarray(names, dtype=object), return_index=True)
+    repeated = np.ones(len(names), dtype=bool)
+    repeated[first] = False
+    return np.flatnonzero(repeated)
+
+
 def read_particles(path: str | os.PathLike, *, angpix: float | None = None, root: str | os.PathLike | None = None,
                    class_number: int | None = None, seed: int = 0, permissive: bool = False) -> ParticleSet:
     """Read particles with known poses and CTF parameters from a ``.star`` or ``.thu`` file.
@@ -61,7 +71,8 @@ def read_particles(path: str | os.PathLike, *, angpix: float | None = None, root
 
         return read_star(p, angpix=angpix, root=root, class_number=class_number, permissive=permissive)
 
-    from numba_recon.io.thu import random_half_sets, read_thu
+    from numba_recon.io.names import keyed_half_sets
+    from numba_recon.io.thu import read_thu
 
     particles = read_thu(p, angpix=angpix, root=root, seed=seed, permissive=permissive)
     if class_number is None:
@@ -73,7 +84,7 @@ def read_particles(path: str | os.PathLike, *, angpix: float | None = None, root
                              "a .thu class is its 0-based CLASS_ID + 1)", p, "choose one of the classes present")
     subset = particles.subset(selected)
     # split the selected class itself, so both halves get half of it
-    subset.half_set = random_half_sets(len(subset), seed)
+    subset.half_set = keyed_half_sets(subset.stack_paths, subset.stack_indices, seed)
     subset.table["rlnRandomSubset"] = subset.half_set.astype(np.int64)
     subset.meta["class_selected"] = int(class_number)
     return subset

@@ -190,3 +190,63 @@ def test_initial_map_is_not_used_by_cg_and_says_so(data, tmp_path, caplog):
         maps.append(_maps(tmp_path / name))
     assert "--initial-map is not used by the cg solver" in caplog.text
     np.testing.assert_array_equal(maps[0], maps[1])
+
+
+def _with_repeated_rows(star: Path, out: Path, rows: list[tuple[int, str | None]]) -> None:
+    """Copy a STAR file and append copies of particle rows ``(row, new rlnRandomSubset or None)``."""
+    lines = star.read_text().splitlines()
+    start = lines.index("data_particles")
+    labels = [i for i in range(start, len(lines)) if lines[i].startswith("_rln")]
+    names = [lines[i].split()[0] for i in labels]
+    body = [i for i in range(labels[-1] + 1, len(lines)) if lines[i].strip()]
+    col = names.index("_rlnRandomSubset")
+    extra = []
+    for row, half in rows:
+        fields = lines[body[row]].split()
+        if half is not None:
+            fields[col] = half
+        extra.append(" ".join(fields))
+    out.write_text("\n".join(lines + extra) + "\n")
+
+
+def test_repeated_images_are_refused_or_dropped(data, tmp_path, runner):
+    """The same image twice, even with rlnRandomSubset putting the copies in opposite halves, is
+    refused with one line (exit 2); --drop-duplicates keeps the first row of each image."""
+    import starfile
+
+    star = data / "repeated.star"
+    halves = starfile.read(data / "particles.star")["particles"]["rlnRandomSubset"].to_numpy()
+    other = "2" if halves[0] == 1 else "1"
+    _with_repeated_rows(data / "particles.star", star, [(0, other), (5, None)])
+    res = runner.invoke(main, ["-q", "run", str(star), "-o", str(tmp_path / "refused"), "--backend", "cpu",
+                               "--epochs", "1"])
+    assert res.exit_code == 2
+    line = res.output.strip().splitlines()[-1]
+    assert "repeat the image of an earlier row" in line and "--drop-duplicates" in line and "repeated.star" in line
+    assert not (tmp_path / "refused" / "run_class001.mrc").exists()
+    summary = _run(runner, star, tmp_path / "dropped", "--epochs", "1", "--drop-duplicates")
+    assert summary["particles"] == 1200
+
+
+def test_an_input_among_the_outputs_is_refused(data, tmp_path, runner):
+    """Reconstructing from a previous run's run_data.star into that same folder would overwrite the
+    input: refused with one line (exit 2), even with --overwrite, and the file is untouched."""
+    import shutil
+
+    out = tmp_path / "again"
+    out.mkdir()
+    star = out / "run_data.star"
+    shutil.copy(data / "particles.star", star)
+    before = star.read_bytes()
+    res = runner.invoke(main, ["-q", "run", str(star), "-o", str(out), "--root", str(data), "--backend", "cpu",
+                               "--epochs", "1", "--overwrite"])
+    assert res.exit_code == 2, res.output
+    assert "where this run writes its own output" in res.output.strip().splitlines()[-1]
+    assert star.read_bytes() == before
+    # a mask inside the run's checkpoints/ folder (cleared by --overwrite) is refused the same way
+    (out / "checkpoints").mkdir()
+    mask = out / "checkpoints" / "mask.mrc"
+    mask.write_bytes(b"not read")
+    res = runner.invoke(main, ["-q", "run", str(data / "particles.star"), "-o", str(out), "--backend", "cpu",
+                               "--mask", str(mask), "--overwrite"])
+    assert res.exit_code == 2 and mask.exists()

@@ -11,6 +11,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -52,6 +53,9 @@ def parse_keep_fraction(value: str) -> tuple[float | None, float | None]:
 @click.option("--early-stop/--no-early-stop", default=True, show_default=True,
               help="cg: stop when the held-out loss stops improving (the maps with the lowest held-out loss are "
                    "kept either way).")
+@click.option("--drop-duplicates", is_flag=True,
+              help="Keep the first row of each image when rows repeat an image (refused otherwise: one image in "
+                   "both half sets would inflate the resolution).")
 @click.option("--precondition", is_flag=True,
               help="adam: precondition the minibatch gradients with the Fourier model of the normal operator "
                    "(built in one extra pass); cg always does.")
@@ -115,6 +119,7 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
                            **options)
         if not Path(particles).is_file():
             raise InputError("file not found", particles, "check the path")
+        _refuse_inputs_among_outputs(config, Path(out_dir))
         if comm.is_root:
             _clear_outputs(prepare_output_dir(out_dir, overwrite))
         comm.barrier()
@@ -129,6 +134,31 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
         click.echo(f"Maps: {out / 'run_class001.mrc'}, {out / 'run_half1_class001_unfil.mrc'}, "
                    f"{out / 'run_half2_class001_unfil.mrc'}")
         click.echo(f"Report: {out / 'report.html'}")
+
+
+#: Files a run writes directly in its folder, and folders it writes into (``--overwrite`` clears checkpoints/).
+RUN_OUTPUT_FILES = ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_class001.mrc",
+                    "run_model.star", "run_data.star", "fsc.csv", "history.csv", "half_sets.csv", "summary.json",
+                    "command.txt", "report.html", "NUMBA_RECON_JOB_EXIT_SUCCESS")
+RUN_OUTPUT_FOLDERS = ("checkpoints", "plots", "postprocess")
+
+
+def _refuse_inputs_among_outputs(config, out: Path) -> None:
+    """Refuse an input file (particles, mask, start map) that this run would overwrite or remove,
+    with or without --overwrite: a run never destroys its own input."""
+    targets = [out / name for name in RUN_OUTPUT_FILES]
+    folders = [(out / name).resolve() for name in RUN_OUTPUT_FOLDERS]
+    for option, value in (("particles", config.particles), ("--mask", config.mask),
+                          ("--initial-map", config.initial_map)):
+        if not value or not Path(value).exists():
+            continue
+        path = Path(value).resolve()
+        clash = next((t for t in targets if t.exists() and os.path.samefile(t, path)), None)
+        if clash is None and any(f == path.parent or f in path.parents for f in folders):
+            clash = path
+        if clash is not None:
+            raise InputError(f"the {option} file is where this run writes its own output ({clash})", value,
+                             "copy it elsewhere first, or give another -o folder")
 
 
 def _clear_outputs(out: Path) -> None:
