@@ -220,9 +220,11 @@ class BatchLoader:
         spectrum = scipy.fft.rfft2(images, workers=-1) * shift_phase(box, p.shifts_px[index])
         shifted = scipy.fft.irfft2(spectrum, s=(box, box), workers=-1)
         data = scipy.fft.irfft2(spectrum * h_half, s=(box, box), workers=-1).astype(np.float32)
-        norm2 = np.einsum("bij,bij->b", shifted, shifted, dtype=np.float64).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflowing images are refused by the caller
+            norm2 = np.einsum("bij,bij->b", shifted, shifted, dtype=np.float64).astype(np.float32)
         bg = images[:, self._bg]
-        noise_var = bg.var(axis=1, dtype=np.float64).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            noise_var = bg.var(axis=1, dtype=np.float64).astype(np.float32)
         noise_var = np.maximum(noise_var, np.float32(1e-12))
         return PreparedData(data=np.ascontiguousarray(data), filters2=np.ascontiguousarray(h_full * h_full, np.float32),
                             data_norm2=norm2, noise_var=noise_var, rotations=self._rotations(index))

@@ -25,7 +25,7 @@ from numba_recon import __version__
 from numba_recon.batch import BatchLoader, assign_cross_validation, assign_halves, epoch_batches, shard
 from numba_recon.checkpoint import Checkpoint, atomic_write_text, load_latest, save_checkpoint
 from numba_recon.config import RunConfig
-from numba_recon.errors import InputFileError
+from numba_recon.errors import InputError, InputFileError
 from numba_recon.loss import (RobustSchedule, good_population, particle_scores, pass_reference, pass_weights,
                               robust_weights)
 from numba_recon.reduce import Comm, describe_mpi, get_comm, select_device
@@ -38,6 +38,12 @@ RUN_PREFIX = "run"
 #: The CG solver stops when a pass lowers the held-out loss by less than this fraction of what the
 #: direct reconstruction gained over a blank map.
 CV_TOLERANCE = 0.005
+#: Per-image background variances below this are no noise (constant images); above HUGE_VARIANCE the
+#: pixel values (standard deviation above 1e15) cannot be normalised images.
+NOISELESS_VARIANCE = 1e-12
+HUGE_VARIANCE = 1e30
+#: The smallest support radius (pixels) the cg solver accepts.
+MIN_SUPPORT_RADIUS_PX = 3.0
 
 
 @dataclass
@@ -655,10 +661,13 @@ class Reconstruction:
         sums = PassSums(be, 4, n)
         t2 = splat_transfer2(n).astype(np.float32)
         bs = self.config.batch_size
+        bad = [0, 0]  # images without noise; images with overflowing or non-finite pixels
         for h, train in enumerate(self._train_index(st)):
             local = shard(train, self.comm.rank, self.comm.size)
             for start in range(0, local.size, bs):
                 prep = self.loader.prepare(local[start:start + bs])
+                bad[0] += int(np.sum(prep.noise_var <= NOISELESS_VARIANCE))
+                bad[1] += int(np.sum(~np.isfinite(prep.data_norm2) | (prep.noise_var > HUGE_VARIANCE)))
                 w = (1.0 / prep.noise_var.astype(np.float64))
                 rot = be.to_device(prep.rotations)
                 be.weighted_backproject(be.to_device(prep.data), rot, be.to_device((0.5 * w).astype(np.float32)),
@@ -668,6 +677,17 @@ class Reconstruction:
                                   sums.target(2 + h))
                 sums.commit()
         host = sums.reduce(self.comm)
+        noiseless, huge = (int(self.comm.allreduce_scalar(v)) for v in bad)
+        if noiseless:
+            raise InputFileError(f"{noiseless} particle image(s) have no noise outside the particle (a constant "
+                                 "background): they are not particle images, and identical images in both half "
+                                 "sets would fake a resolution", self.config.particles,
+                                 "check the stacks (numba-recon info) and remove those rows")
+        if huge or not (np.isfinite(host).all() and np.abs(host[2:]).max() > 0):
+            raise InputFileError(f"the particle images do not give a usable reconstruction ({huge} image(s) with "
+                                 "pixel values beyond 1e15 or not finite)", self.config.particles,
+                                 "normalise the images (zero mean, unit noise outside the particle, as "
+                                 "relion_preprocess does) and check them with numba-recon info")
         return host[:2], host[2:] * n
 
     def _data_pass(self, st: RunState, trial: np.ndarray, epoch: int, with_kernel: bool
@@ -810,6 +830,10 @@ class Reconstruction:
                      2 * inner * self.angpix, source, inner, SOFT_EDGE_PX)
         objective.mask = soft_sphere(n, inner)
         self.radius = min(inner + SOFT_EDGE_PX, outer)
+        if self.radius < MIN_SUPPORT_RADIUS_PX:
+            raise InputError(f"the map support has a radius of {self.radius:.3g} px (--radius "
+                             f"{cfg.radius_px} / --particle-diameter {cfg.particle_diameter})", None,
+                             f"give a support of at least {MIN_SUPPORT_RADIUS_PX:g} px radius, or omit both options")
         maps = self._learn_prior(objective, b)
         objective.kernels = objective.kernels.astype(np.float32)  # what checkpoints keep, exactly
         cg = CGState.start(np.stack([objective.mask * b[h] for h in (0, 1)]))
@@ -918,6 +942,10 @@ class Reconstruction:
                     self._checkpoint(st)
             self.comm.barrier()
         sv = st.solver
+        best = sv["best_volumes"]
+        if not (np.isfinite(best).all() and np.abs(best).max() > 0):
+            raise InputFileError("the reconstruction is empty or not finite: the images carry no usable signal",
+                                 cfg.particles, "check the images and their CTF and pose columns (numba-recon info)")
         if not sv["stopped"]:
             sv["stopped"] = f"reached --epochs {cfg.epochs}"
         st.volumes = sv["best_volumes"].copy()

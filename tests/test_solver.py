@@ -250,3 +250,33 @@ def test_an_input_among_the_outputs_is_refused(data, tmp_path, runner):
     res = runner.invoke(main, ["-q", "run", str(data / "particles.star"), "-o", str(out), "--backend", "cpu",
                                "--mask", str(mask), "--overwrite"])
     assert res.exit_code == 2 and mask.exists()
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("huge", "do not give a usable reconstruction"),
+    ("constant", "have no noise outside the particle"),
+])
+def test_degenerate_images_stop_with_one_line(tmp_path, runner, kind, fragment):
+    """Pixels of 1e30 (zero maps before) and constant images (Nyquist 'resolution' before) end the
+    run with one line and exit status 2, and no maps."""
+    import mrcfile
+
+    from numba_recon.simulate import simulate_dataset
+
+    path = tmp_path / "sim"
+    simulate_dataset(path, n_particles=64, box_size=16, pixel_size_angstrom=4.0, snr=0.5, seed=2,
+                     particles_per_stack=64)
+    for stack in (path / "Particles").glob("*.mrcs"):
+        with mrcfile.open(stack, "r+") as m:
+            m.data[...] = m.data * np.float32(1e30) if kind == "huge" else np.float32(3.0)
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["-q", "run", str(path / "particles.star"), "-o", str(out), "--backend", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert fragment in res.output.strip().splitlines()[-1]
+    assert not (out / "run_class001.mrc").exists()
+
+
+def test_a_support_too_small_is_refused(data, tmp_path, runner):
+    res = runner.invoke(main, ["-q", "run", str(data / "particles.star"), "-o", str(tmp_path / "r"), "--backend",
+                               "cpu", "--radius", "0.001"])
+    assert res.exit_code == 2 and "support has a radius of 0.001 px" in res.output
