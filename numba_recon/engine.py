@@ -77,6 +77,18 @@ class RunState:
     solver: dict[str, Any] | None = None
 
 
+def particle_fingerprint(particles: Any) -> str:
+    """SHA-256 of the particle set as a run sees it: every row's image (``index@stack file name``) and
+    input half set, in row order. A resume with another set (rows added, removed, reordered or moved
+    between halves) would mix the gold-standard halves, so it is refused."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path, index, half in zip(particles.stack_paths, particles.stack_indices, np.asarray(particles.half_set)):
+        digest.update(f"{int(index)}@{Path(str(path)).name}:{int(half)}\n".encode())
+    return digest.hexdigest()
+
+
 def _provenance() -> dict[str, Any]:
     import numba
 
@@ -181,6 +193,11 @@ class Reconstruction:
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
+    def _fingerprint(self) -> str:
+        if getattr(self, "_fingerprint_value", None) is None:
+            self._fingerprint_value = particle_fingerprint(self.particles)
+        return self._fingerprint_value
+
     def _check_duplicates(self) -> None:
         """Refuse (or, with ``--drop-duplicates``, drop) rows that repeat an earlier row's image.
 
@@ -237,6 +254,13 @@ class Reconstruction:
         ckpt = self.comm.bcast(ckpt)
         if ckpt is None:
             return None
+        stored_n = len(ckpt.arrays["half_set"])
+        stored = ckpt.state.get("particles_fingerprint")
+        if stored_n != len(self.particles) or (stored is not None and stored != self._fingerprint()):
+            raise InputFileError(f"the particle set differs from the one this run started with ({len(self.particles)} "
+                                 f"rows now, {stored_n} then, or rows reordered, changed or moved between half "
+                                 "sets): resuming would mix the gold-standard halves", self.config.particles,
+                                 "resume with the original particle file, or start a new run in another -o folder")
         if ckpt.volumes.shape[1:] != (self.box,) * 3:
             raise InputFileError("checkpoint box size does not match the particles", self.out / "checkpoints",
                                  "resume with the same particles, or start a new run with --overwrite")
@@ -1012,6 +1036,7 @@ class Reconstruction:
             ckpt = Checkpoint(epoch=st.epoch, step=st.step, volumes=st.volumes, adam_m=np.zeros(0, np.float32),
                               adam_v=np.zeros(0, np.float32), adam_t=0, arrays=arrays, config=self.config.to_dict(),
                               state={"solver": small, "history": st.history, "n_ranks": self.comm.size,
+                                     "particles_fingerprint": self._fingerprint(),
                                      "provenance": _provenance(), "seed": self.config.seed, "lr_abs": [0.0, 0.0]})
             save_checkpoint(self.out, ckpt)
             return
@@ -1020,6 +1045,7 @@ class Reconstruction:
             arrays={"half_set": st.halves, "cv": st.cv, "scores_prev": st.scores_prev},
             config=self.config.to_dict(),
             state={"lr_abs": [float(v) for v in st.lr_abs], "history": st.history, "n_ranks": self.comm.size,
+                   "particles_fingerprint": self._fingerprint(),
                    "data_scale": st.data_scale, "provenance": _provenance(), "seed": self.config.seed},
         )
         save_checkpoint(self.out, ckpt)

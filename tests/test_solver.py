@@ -280,3 +280,43 @@ def test_a_support_too_small_is_refused(data, tmp_path, runner):
     res = runner.invoke(main, ["-q", "run", str(data / "particles.star"), "-o", str(tmp_path / "r"), "--backend",
                                "cpu", "--radius", "0.001"])
     assert res.exit_code == 2 and "support has a radius of 0.001 px" in res.output
+
+
+def test_resume_refuses_a_changed_particle_set_and_changed_options(data, tmp_path, runner):
+    """A resume cannot mix halves: a reordered or shortened STAR file is refused with one line, as
+    are options that would change the run (naming them); safe options are accepted. A refused resume
+    leaves the finished run's files and success marker alone. Paths are stored absolute, so a resume
+    from another working directory works."""
+    import os
+
+    star = data / "resume.star"
+    _rewrite_rows(data / "particles.star", star, np.arange(1200), drop_subsets=False)
+    out = tmp_path / "run"
+    _run(runner, star, out, "--epochs", "2", "--no-early-stop")
+    marker = out / "NUMBA_RECON_JOB_EXIT_SUCCESS"
+    assert marker.exists()
+    maps = _maps(out)
+    # options that change the run are refused by name
+    res = runner.invoke(main, ["run", "--resume", str(out), "--sym", "C2", "--lr", "0.5", "--epochs", "3"])
+    assert res.exit_code == 2 and "--sym" in res.output and "--lr" in res.output and "would change it" in res.output
+    assert marker.exists()
+    # the particle file changed under the run: reordered rows
+    _rewrite_rows(data / "particles.star", star, np.arange(1200)[::-1], drop_subsets=False)
+    res = runner.invoke(main, ["run", "--resume", str(out), "--epochs", "3"])
+    assert res.exit_code == 2 and "particle set differs" in res.output
+    # ... and removed rows
+    _rewrite_rows(data / "particles.star", star, np.arange(1100), drop_subsets=False)
+    res = runner.invoke(main, ["run", "--resume", str(out), "--epochs", "3"])
+    assert res.exit_code == 2 and "1100 rows now, 1200 then" in res.output
+    assert marker.exists()
+    np.testing.assert_array_equal(_maps(out), maps)
+    # the original file again, from another working directory, with safe options: it goes on
+    _rewrite_rows(data / "particles.star", star, np.arange(1200), drop_subsets=False)
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        res = runner.invoke(main, ["-q", "run", "--resume", "run", "--epochs", "3", "--cache-mb", "100"])
+    finally:
+        os.chdir(cwd)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "summary.json").read_text())["solver"]["passes"] == 3

@@ -115,8 +115,12 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
         if out_dir is None:
             raise InputError("no output folder given", None, "add -o OUTDIR")
         keep_start, keep_end = parse_keep_fraction(keep_fraction)
-        config = RunConfig(particles=str(particles), out_dir=str(out_dir), keep_start=keep_start, keep_end=keep_end,
-                           **options)
+        # absolute paths: a resume from another working directory finds the same files
+        for name in ("root", "mask", "initial_map"):
+            if options.get(name):
+                options[name] = str(Path(options[name]).resolve())
+        config = RunConfig(particles=str(Path(particles).resolve()), out_dir=str(Path(out_dir).resolve()),
+                           keep_start=keep_start, keep_end=keep_end, **options)
         if not Path(particles).is_file():
             raise InputError("file not found", particles, "check the path")
         _refuse_inputs_among_outputs(config, Path(out_dir))
@@ -124,9 +128,13 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
             _clear_outputs(prepare_output_dir(out_dir, overwrite))
         comm.barrier()
     verbosity = (ctx.find_root().obj or {}).get("verbosity", 0)
-    from numba_recon.engine import run as run_engine
+    from numba_recon.engine import Reconstruction
 
-    summary = run_engine(config, resume=resume, progress=verbosity >= 0, comm=comm)
+    job = Reconstruction(config, comm=comm, progress=verbosity >= 0, resume=resume)
+    if resume and comm.is_root:
+        # only now, with the stored run reloaded and checked, is the finished run's marker withdrawn
+        (Path(config.out_dir) / "NUMBA_RECON_JOB_EXIT_SUCCESS").unlink(missing_ok=True)
+    summary = job.run()
     if comm.is_root:
         out = Path(config.out_dir)
         (out / "NUMBA_RECON_JOB_EXIT_SUCCESS").touch()
@@ -184,11 +192,31 @@ def _config_from_checkpoint(resume_dir: str, ctx: click.Context, options: dict, 
         raise OutputError("no usable checkpoint in this folder", out, "start a new run with -o and --overwrite")
     data = dict(ckpt.config)
     data["out_dir"] = str(out)
-    src = ctx.get_parameter_source("epochs")
-    if src is not None and src.name == "COMMANDLINE":
-        data["epochs"] = options["epochs"]
+    given = [name for name in options if _from_command_line(ctx, name)]
+    changing = [name for name in given if name not in RESUME_SAFE_OPTIONS and options[name] != data.get(name)]
+    if _from_command_line(ctx, "keep_fraction"):
+        changing.append("keep_fraction")
+    if changing:
+        spelling = {param.name: max(param.opts, key=len) for param in ctx.command.params if param.opts}
+        flags = ", ".join(spelling.get(name, name) for name in changing)
+        raise InputError(f"--resume continues the stored run, and {flags} would change it", out,
+                         "resume without those options (only --epochs, --early-stop/--no-early-stop, --mask, "
+                         "--backend, --cache-mb and --checkpoint-every may change), or start a new run in "
+                         "another -o folder")
+    for name in given:
+        if name in RESUME_SAFE_OPTIONS:
+            data[name] = str(Path(options[name]).resolve()) if name == "mask" and options[name] else options[name]
     if particles is not None and Path(particles).resolve() != Path(data["particles"]).resolve():
         raise InputError("the particle file differs from the one the run started with", particles,
                          f"resume with {data['particles']} (or omit the file)")
-    (out / "NUMBA_RECON_JOB_EXIT_SUCCESS").unlink(missing_ok=True)
     return RunConfig.from_dict(data)
+
+
+#: Options a resumed run may change: how long it goes on and what it writes at the end, not what
+#: it computes.
+RESUME_SAFE_OPTIONS = ("epochs", "early_stop", "mask", "backend", "cache_mb", "checkpoint_every")
+
+
+def _from_command_line(ctx: click.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
