@@ -104,6 +104,10 @@ def symmetry_generators(name: str) -> list[tuple[np.ndarray, int]]:
     return out
 
 
+#: The largest n of Cn and Dn (RELION's point groups in practice stay far below it).
+MAX_CYCLIC_ORDER = 360
+
+
 def _normalise_name(name: str) -> str:
     key = str(name).strip().upper()
     if key == "I":
@@ -112,7 +116,13 @@ def _normalise_name(name: str) -> str:
         return key
     m = re.fullmatch(r"([CD])(\d+)", key)
     if m and int(m.group(2)) >= 1:
-        return f"{m.group(1)}{int(m.group(2))}"
+        n = int(m.group(2))
+        if n > MAX_CYCLIC_ORDER:
+            # beyond this the rotations are closer than the tolerance that tells operators apart: the
+            # group would not close (or collapse to C1 without a word)
+            raise InputError(f"symmetry group {name!r} has an order of {n}",
+                             fix=f"n must be between 1 and {MAX_CYCLIC_ORDER} for Cn and Dn")
+        return f"{m.group(1)}{n}"
     raise InputError(f"unknown symmetry group {name!r}",
                      fix=f"use one of {', '.join(VALID_NAMES)} (case-insensitive, n >= 1, e.g. C7 or D7)")
 

@@ -135,3 +135,24 @@ def test_d7_phantom_is_a_fixed_point():
     # neither D6 nor the 2-fold about Z is a symmetry of it
     assert _rel(symmetrize_volume(vol, symmetry_operators("D6")), vol) > 0.08
     assert _rel(symmetrize_volume(vol, symmetry_operators("C2")), vol) > 0.08
+
+
+@pytest.mark.parametrize("name", ["C361", "D1000", "C10001", "C10000000"])
+def test_orders_beyond_the_tolerance_are_refused(name):
+    """Cn and Dn orders past 360 would not close into a group (a traceback) or collapse to C1 without
+    a word: they are refused with the valid range."""
+    from numba_recon.errors import InputError
+
+    with pytest.raises(InputError, match="between 1 and 360"):
+        symmetry_operators(name)
+
+
+def test_sym_order_refused_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from numba_recon.cli import main
+
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "none.star"), "-o", str(tmp_path / "out"), "--sym",
+                                    "C10001"])
+    assert res.exit_code == 2 and "between 1 and 360" in res.output
+    assert not (tmp_path / "out").exists()
