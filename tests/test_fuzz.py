@@ -4,7 +4,7 @@ Valid files are mutated (truncation, bit flips, swapped, duplicated and missing 
 negative, NaN and infinite numbers, unicode, empty and duplicated blocks, CRLF line endings...) and
 read back. Every case must end in a successful read that yields usable numbers, or in the
 project's own :class:`~numba_recon.errors.InputError`: never another exception type, and never a
-hang (each read runs under a hard time limit as well as hypothesis' deadline).
+hang (each read runs under a hard time limit).
 
 The harness (``make_corpus``, the ``*_mutations`` strategies and the ``check_*`` functions) is
 shared with ``benchmarks/fuzz_long.py``, which runs the same properties for much longer.
@@ -21,7 +21,6 @@ import re
 import shutil
 import signal
 import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -491,7 +490,9 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 def _ci(max_examples: int):
-    return settings(max_examples=max_examples, deadline=timedelta(seconds=3), derandomize=True, database=None,
+    # no hypothesis deadline: on a loaded 2-core machine one example's wall time says little (a 3 s
+    # deadline failed a whole run at 6.8 s); hangs are caught by the hard per-read HANG_LIMIT_S alarm
+    return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                            HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
