@@ -320,3 +320,14 @@ def test_resume_refuses_a_changed_particle_set_and_changed_options(data, tmp_pat
         os.chdir(cwd)
     assert res.exit_code == 0, res.output
     assert json.loads((out / "summary.json").read_text())["solver"]["passes"] == 3
+
+
+def test_invalid_input_leaves_no_output_folder(data, tmp_path, runner):
+    """A particle file that fails its checks is refused before the -o folder exists, so the rerun
+    after the fix is not blocked by an empty folder."""
+    star = data / "repeated_again.star"
+    _with_repeated_rows(data / "particles.star", star, [(3, None)])
+    out = tmp_path / "never"
+    res = runner.invoke(main, ["-q", "run", str(star), "-o", str(out), "--backend", "cpu"])
+    assert res.exit_code == 2
+    assert not out.exists()

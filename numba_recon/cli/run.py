@@ -124,13 +124,15 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
         if not Path(particles).is_file():
             raise InputError("file not found", particles, "check the path")
         _refuse_inputs_among_outputs(config, Path(out_dir))
-        if comm.is_root:
-            _clear_outputs(prepare_output_dir(out_dir, overwrite))
-        comm.barrier()
     verbosity = (ctx.find_root().obj or {}).get("verbosity", 0)
     from numba_recon.engine import Reconstruction
 
+    # reading and checking every input comes first: invalid input leaves no (empty) -o folder behind
     job = Reconstruction(config, comm=comm, progress=verbosity >= 0, resume=resume)
+    if not resume:
+        if comm.is_root:
+            _clear_outputs(prepare_output_dir(out_dir, overwrite))
+        comm.barrier()
     if resume and comm.is_root:
         # only now, with the stored run reloaded and checked, is the finished run's marker withdrawn
         (Path(config.out_dir) / "NUMBA_RECON_JOB_EXIT_SUCCESS").unlink(missing_ok=True)
