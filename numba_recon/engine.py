@@ -782,8 +782,9 @@ class Reconstruction:
 
     def _cv_loss(self, st: RunState, volumes: np.ndarray, epoch: int) -> float:
         """Held-out loss at ``volumes (2, N, N, N)``: the mean noise-normalised loss of the held-out
-        particles, weighted by the robust loss of pass ``epoch`` (the same rule, against the same
-        population, as the training particles), so junk among them does not decide the stopping."""
+        particles, weighted by the robust loss of pass ``epoch`` (the training particles' rule, against
+        the population of the training scores of that pass, the newest there are), so junk among them
+        does not decide the stopping."""
         n = self.box
         train = self._train_index(st)
         total, weight = 0.0, 0.0

@@ -24,9 +24,14 @@ PARTICLE_SUFFIXES = (".star", ".thu")
 def duplicate_images(particles: ParticleSet) -> np.ndarray:
     """Rows whose image (the same index of the same stack file) already appeared in an earlier row,
     ``(k,)`` int64 row numbers (0-based)."""
-    names = [f"{int(i)}@{os.path.realpath(str(p))}" for p, i in zip(particles.stack_paths, particles.stack_indices)]
-    _, first = np.unique(np.asarray(names, dtype=object), return_index=True)
-    repeated = np.ones(len(names), dtype=bool)
+    # one realpath per stack file, not per row (10^6 rows share a few thousand stacks)
+    stacks, stack_id = np.unique(np.asarray([str(p) for p in particles.stack_paths], dtype=object),
+                                 return_inverse=True)
+    real = np.unique([os.path.realpath(str(p)) for p in stacks], return_inverse=True)[1]
+    keys = real[stack_id].astype(np.int64) * (int(np.max(particles.stack_indices, initial=0)) + 1)
+    keys += np.asarray(particles.stack_indices, dtype=np.int64)
+    _, first = np.unique(keys, return_index=True)
+    repeated = np.ones(keys.size, dtype=bool)
     repeated[first] = False
     return np.flatnonzero(repeated)
 
