@@ -12,6 +12,13 @@ For each particle the loader computes, once (then caches while memory allows):
 - ``filters2 = H^2`` on the full FFT grid, what the forward step applies to the projection;
 - ``data_norm2 = ||T^{-1} b||^2`` and ``noise_var``, the image's own noise variance measured
   outside the particle disc, used to make per-particle losses comparable.
+
+Before any of that, each image's background mean (the pixels outside the particle disc, RELION's
+background ring) is subtracted. Unnormalised images (raw counts, an offset of many noise sigma) add
+the same constant to every image of both half sets; its back-projection, cut by the support, is
+identical in the two half maps at every frequency and fakes a Nyquist FSC.
+:func:`survey_backgrounds` measures means, spreads and peaks once per run so that the engine can
+say what was subtracted and refuse images that cannot be reconstructed.
 """
 
 from __future__ import annotations
@@ -129,6 +136,122 @@ def background_mask(box_size: int, radius_fraction: float = 0.85) -> np.ndarray:
     return (x - c) ** 2 + (y - c) ** 2 > (radius_fraction * box_size / 2) ** 2
 
 
+def background_means(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of each image over the background pixels ``mask (N, N)``: ``images (b, N, N)`` -> ``(b,)`` float64."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return images[:, mask].mean(axis=1, dtype=np.float64)
+
+
+@dataclass
+class BackgroundStats:
+    """Per-image background statistics of the rows surveyed, each ``(k,)`` float64.
+
+    Attributes
+    ----------
+    mean
+        Mean of the pixels outside the particle disc (what is subtracted).
+    std
+        Their standard deviation (the image's noise sigma).
+    peak
+        Largest absolute pixel value; not finite where any pixel is not.
+    blank_loss
+        ``||b - mean||^2 / (N^2 std^2)``: the noise-normalised loss of a blank map, the scale every
+        per-particle loss of the run is compared with.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    peak: np.ndarray
+    blank_loss: np.ndarray
+
+    @staticmethod
+    def concatenate(parts: "list[BackgroundStats]") -> "BackgroundStats":
+        keys = ("mean", "std", "peak", "blank_loss")
+        return BackgroundStats(*(np.concatenate([getattr(p, k) for p in parts]) for k in keys))
+
+
+def survey_backgrounds(particles: ParticleSet, index: np.ndarray, batch_size: int = 256) -> BackgroundStats:
+    """Background mean, spread and peak of the images at rows ``index``, read batch by batch
+    (memory bounded by ``batch_size`` images)."""
+    mask = background_mask(particles.box_size)
+    parts = []
+    index = np.asarray(index, dtype=np.int64)
+    for start in range(0, index.size, batch_size):
+        images = particles.read_images(index[start:start + batch_size])
+        flat = images.reshape(images.shape[0], -1)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            bg = images[:, mask].astype(np.float64)
+            mean, std = bg.mean(axis=1), bg.std(axis=1)
+            peak = np.abs(flat).max(axis=1).astype(np.float64)
+            peak[~np.isfinite(flat).all(axis=1)] = np.inf
+            power = np.einsum("bi,bi->b", flat - mean[:, None], flat - mean[:, None], dtype=np.float64)
+            blank = power / (flat.shape[1] * std**2)
+        parts.append(BackgroundStats(mean, std, peak, blank))
+    if not parts:
+        return BackgroundStats(*(np.zeros(0) for _ in range(4)))
+    return BackgroundStats.concatenate(parts)
+
+
+#: Background variances at or below this are no noise (constant images); peaks above PEAK_LIMIT
+#: overflow float32 sums of squares and are refused as not normalised.
+NOISELESS_STD = 1e-6
+PEAK_LIMIT = 1e15
+#: A median background offset of this many noise sigma means the images were not normalised.
+OFFSET_SIGMA_WARN = 3.0
+#: Background spreads differing by more than this factor (2nd to 98th percentile) are worth a warning.
+SPREAD_RATIO_WARN = 10.0
+
+
+def check_backgrounds(stats: BackgroundStats, source: Any, report: bool = True) -> dict[str, float]:
+    """Refuse images that cannot be reconstructed, log what the background subtraction does, and warn
+    about unnormalised or inconsistent images. ``stats`` covers every particle (all ranks); with
+    ``report`` False (MPI ranks other than 0) nothing is logged.
+
+    Returns the summary written to the log: ``median_offset_sigma``, ``spread_ratio``, and
+    ``blank_loss`` (the mean noise-normalised loss of a blank map).
+
+    Raises
+    ------
+    InputFileError
+        Images with pixels that are not finite or beyond :data:`PEAK_LIMIT`, or without noise
+        outside the particle (constant images: identical in both half sets, they fake a resolution).
+    """
+    from numba_recon.errors import InputFileError
+
+    huge = int(np.sum(~(stats.peak <= PEAK_LIMIT)))
+    if huge:
+        raise InputFileError(f"the particle images do not give a usable reconstruction ({huge} image(s) with pixel "
+                             "values beyond 1e15 or not finite)", source,
+                             "normalise the images (zero mean, unit noise outside the particle, as relion_preprocess "
+                             "does) and check them with numba-recon info")
+    noiseless = int(np.sum(stats.std <= NOISELESS_STD * np.maximum(1.0, stats.peak)))
+    if noiseless:
+        raise InputFileError(f"{noiseless} particle image(s) have no noise outside the particle (a constant "
+                             "background): they are not particle images, and identical images in both half "
+                             "sets would fake a resolution", source,
+                             "check the stacks (numba-recon info) and remove those rows")
+    offset = np.abs(stats.mean) / stats.std
+    median_offset = float(np.median(offset))
+    lo, hi = np.percentile(stats.std, [2, 98])
+    ratio = float(hi / lo)
+    if not report:
+        pass
+    elif median_offset >= OFFSET_SIGMA_WARN:
+        log.warning("the particle images are not normalised: their backgrounds sit %.1f noise sigma from zero "
+                    "(median over %d images; raw counts?); each image's background mean, outside the particle "
+                    "disc, is subtracted before reconstruction (relion_preprocess --norm would do it for good)",
+                    median_offset, offset.size)
+    else:
+        log.info("background mean (outside the particle disc) subtracted from each image: median offset %.2f "
+                 "noise sigma", median_offset)
+    if report and ratio > SPREAD_RATIO_WARN:
+        log.warning("the images' background noise differs by a factor of %.0f (2nd to 98th percentile of the "
+                    "per-image sigma, %.3g to %.3g): images from different sources or not normalised; each image "
+                    "is weighted by its own noise, but check the stacks (numba-recon info)", ratio, lo, hi)
+    return {"median_offset_sigma": median_offset, "spread_ratio": ratio,
+            "blank_loss": float(np.mean(stats.blank_loss))}
+
+
 @dataclass
 class PreparedData:
     """Per-particle arrays for the operator, host side.
@@ -209,6 +332,8 @@ class BatchLoader:
         p = self.particles
         box = self.box
         images = p.read_images(index).astype(np.float32, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflowing images are refused by the survey
+            images = images - background_means(images, self._bg)[:, None, None].astype(np.float32)
         ctf_full = ctf_images({k: v[index] for k, v in p.ctf.items()}, box, p.pixel_size_angstrom, half=False)
         ctf_half = rfft_half(ctf_full)
         if box % 2 == 0:  # (+1/2, -1/2) is the one half-grid frequency the full grid lacks

@@ -25,6 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from numba_recon import manifest
 from numba_recon.errors import InputFileError, OutputError
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,18 @@ def _fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_SPACE_FIX = "free space or raise the limit, then continue with --resume (files already written are complete and intact)"
+_WRITABLE_FIX = ("make the folder writable again (remount it read-write), then continue with --resume (files already "
+                 "written are complete and intact)")
+#: (problem, (text needles, errno needle), fix): the first match names the failure and its fix.
 _WRITE_ERRORS = (
-    ("no space left on device", ("no space left", "errno = 28")),
-    ("disk quota exceeded", ("quota", "errno = 122")),
-    ("file too large for the file-size limit", ("file too large", "errno = 27")),
-    ("input/output error", ("input/output error", "errno = 5")),
+    ("no space left on device", ("no space left", "errno = 28"), _SPACE_FIX),
+    ("disk quota exceeded", ("quota", "errno = 122"), _SPACE_FIX),
+    ("file too large for the file-size limit", ("file too large", "errno = 27"), _SPACE_FIX),
+    ("read-only file system", ("read-only file system", "errno = 30"), _WRITABLE_FIX),
+    ("permission denied", ("permission denied", "errno = 13"), _WRITABLE_FIX),
+    ("input/output error", ("input/output error", "errno = 5"),
+     "check the disk (the kernel log names the device), then continue with --resume"),
 )
 
 
@@ -105,13 +113,13 @@ def write_error(path: Path, err: BaseException) -> OutputError:
     limit, I/O error), whatever layer raised it (the OS, or HDF5 through h5py)."""
     text = f"{getattr(err, 'strerror', None) or ''} {err}".lower()
     code = getattr(err, "errno", None)
-    for problem, needles in _WRITE_ERRORS:
-        if any(n in text for n in needles) or (code is not None and f"errno = {code}" in needles[1]):
+    for problem, needles, fix in _WRITE_ERRORS:
+        if any(n in text for n in needles) or (code is not None and f"errno = {code}" == needles[1]):
             break
     else:
         problem = f"cannot write ({getattr(err, 'strerror', None) or err})"
-    return OutputError(problem, path, "free space or raise the limit, then continue with --resume "
-                                      "(files already written are complete and intact)")
+        fix = "check the output folder, then continue with --resume (files already written are complete and intact)"
+    return OutputError(problem, path, fix)
 
 
 def _remove_quietly(path: Path) -> None:
@@ -129,15 +137,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    manifest.note_temporary(tmp)  # the output manifest lists what we write (numba_recon.manifest)
+    token = None
     try:
         with open(tmp, "w") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        token = manifest.record_write(path, source=tmp)
         os.replace(tmp, path)
     except OSError as err:
+        manifest.undo(token)
         _remove_quietly(tmp)
         raise write_error(path, err) from None
+    finally:
+        manifest.discard_temporary(tmp)
     _fsync_dir(path.parent)
 
 
@@ -173,6 +187,8 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     # make room first: the newest good checkpoint stays while this one is written, so the disk
     # never holds more than ``keep`` checkpoint-sized files (a full disk at box 400 is gigabytes)
     _prune(folder, keep - 1, exclude=final)
+    manifest.note_temporary(tmp)
+    token = None
     try:
         with open(tmp, "wb") as fh:
             half = len(image) // 2
@@ -182,11 +198,14 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
             fh.write(image[half:])
             fh.flush()
             os.fsync(fh.fileno())
+        token = manifest.record_write(final, source=tmp)
         os.replace(tmp, final)
     except OSError as err:
+        manifest.undo(token)
         _remove_quietly(tmp)
         raise write_error(final, err) from None
     finally:
+        manifest.discard_temporary(tmp)
         del image
     _fsync_dir(folder)
     atomic_write_text(folder / LATEST, json.dumps({"checkpoint": name, "epoch": ckpt.epoch}) + "\n")
@@ -195,13 +214,16 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
 
 
 def _prune(folder: Path, keep: int, exclude: Path | None = None) -> None:
-    """Remove all but the newest ``keep`` (at least one) checkpoints in ``folder``."""
-    old = [p for p in sorted(folder.glob("ckpt_e*.h5")) if p != exclude]
+    """Remove all but the newest ``keep`` (at least one) of our checkpoints in ``folder``.
+
+    Only checkpoints this run wrote are counted and removed: files this process wrote, or listed in
+    the run folder's output manifest and unchanged since (:func:`numba_recon.manifest.is_ours`). A
+    file of the user (or of an older run without a manifest) named like a checkpoint is left alone.
+    """
+    old = [p for p in sorted(folder.glob("ckpt_e*.h5"))
+           if p != exclude and manifest.is_ours(p, root=folder.parent)]
     for stale in old[:-max(keep, 1)]:
-        try:
-            stale.unlink()
-        except OSError:
-            pass
+        manifest.remove_if_ours(stale, root=folder.parent)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

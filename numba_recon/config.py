@@ -12,6 +12,8 @@ from numba_recon.loss import canonical_loss
 
 #: Solvers ``run`` offers.
 OPTIMIZERS = ("cg", "adam")
+#: Seeds are stored as signed 64-bit integers (checkpoints, summaries).
+MAX_SEED = 2**63 - 1
 
 
 def _finite_at_least(value: float, lower: float, strict: bool = False) -> bool:
@@ -74,7 +76,11 @@ class RunConfig:
     checkpoint_every
         Write a checkpoint every this many epochs (and always at the end).
     initial_map
-        Optional MRC to start both halves from.
+        ``adam``: optional MRC to start both halves from, low-passed at ``initial_lowpass``.
+    initial_lowpass
+        Resolution in Angstrom at which the start map is low-passed (RELION's ``--ini_high``):
+        both halves start from the same map, so whatever detail it carries is common to them and
+        would show up in the FSC. Default 60.
     loss, keep_start, keep_end, robust_warmup, reweight_power
         Robust loss settings (see :mod:`numba_recon.loss`); ``keep_start = keep_end = None`` is the
         automatic kept fraction.
@@ -107,6 +113,7 @@ class RunConfig:
     cv_fraction: float = 0.05
     checkpoint_every: int = 1
     initial_map: str | None = None
+    initial_lowpass: float = 60.0
     loss: str = "l2"
     keep_start: float | None = None
     keep_end: float | None = None
@@ -131,6 +138,11 @@ class RunConfig:
         if self.particle_diameter is not None and not _finite_at_least(self.particle_diameter, 0.0, strict=True):
             raise bad("--particle-diameter", f"must be a finite positive number of Angstrom "
                       f"(got {self.particle_diameter})", "omit it to estimate the diameter from the data")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad("--seed", f"must be an integer from 0 to {MAX_SEED} (got {self.seed})", "e.g. --seed 0")
+        if not _finite_at_least(self.initial_lowpass, 0.0, strict=True):
+            raise bad("--initial-lowpass", f"must be a finite positive resolution in Angstrom (got "
+                      f"{self.initial_lowpass})", "the default 60 suits most start maps")
         if self.epochs <= 0:
             raise bad("--epochs", f"must be positive (got {self.epochs})", "give at least 1")
         if self.batch_size <= 0:

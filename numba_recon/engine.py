@@ -28,6 +28,7 @@ from numba_recon.config import RunConfig
 from numba_recon.errors import InputError, InputFileError
 from numba_recon.loss import (RobustSchedule, good_population, particle_scores, pass_reference, pass_weights,
                               robust_weights)
+from numba_recon.particles import MIN_BOX_PX
 from numba_recon.reduce import Comm, describe_mpi, get_comm, select_device
 from numba_recon.step import AdamState, CGState, adam_step, cg_direction, cg_step
 
@@ -38,10 +39,10 @@ RUN_PREFIX = "run"
 #: The CG solver stops when a pass lowers the held-out loss by less than this fraction of what the
 #: direct reconstruction gained over a blank map.
 CV_TOLERANCE = 0.005
-#: Per-image background variances below this are no noise (constant images); above HUGE_VARIANCE the
-#: pixel values (standard deviation above 1e15) cannot be normalised images.
-NOISELESS_VARIANCE = 1e-12
-HUGE_VARIANCE = 1e30
+#: A start map low-passed finer than this shares detail between the halves that the FSC would count.
+INITIAL_LOWPASS_WARN_ANGSTROM = 20.0
+#: An adam epoch whose loss exceeds this multiple of a blank map's loss has diverged.
+DIVERGENCE_FACTOR = 10.0
 #: The smallest support radius (pixels) the cg solver accepts.
 MIN_SUPPORT_RADIUS_PX = 3.0
 
@@ -85,7 +86,8 @@ def particle_fingerprint(particles: Any) -> str:
 
     digest = hashlib.sha256()
     for path, index, half in zip(particles.stack_paths, particles.stack_indices, np.asarray(particles.half_set)):
-        digest.update(f"{int(index)}@{Path(str(path)).name}:{int(half)}\n".encode())
+        # surrogateescape: a stack name read from a non-UTF-8 file hashes as its bytes on disk
+        digest.update(f"{int(index)}@{Path(str(path)).name}:{int(half)}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -176,13 +178,23 @@ class Reconstruction:
             raise InputFileError(f"only {len(self.particles)} particles", config.particles,
                                  "a reconstruction needs at least 4 particles (2 per half set)")
         self.box = int(self.particles.box_size)
+        if self.box < MIN_BOX_PX:
+            raise InputFileError(f"the particle images are {self.box} x {self.box} px; a reconstruction needs a box "
+                                 f"of at least {MIN_BOX_PX} px", config.particles,
+                                 "extract the particles in a larger box")
         self.angpix = float(self.particles.pixel_size_angstrom)
         self.radius = float(config.radius_px if config.radius_px is not None else self.box // 2 - 1)
+        if config.radius_px is not None and self.radius < MIN_SUPPORT_RADIUS_PX:
+            # a support of a few voxels gives a map without content and a meaningless FSC
+            raise InputError(f"--radius {config.radius_px:g} px is too small", None,
+                             f"give a support of at least {MIN_SUPPORT_RADIUS_PX:g} px radius, or omit --radius for "
+                             f"N/2 - 1 = {self.box // 2 - 1} px")
         if config.mask:
             from numba_recon.report import validate_mask
 
             validate_mask(config.mask, self.box, self.angpix)  # a wrong mask stops the run before any work
         self.loader = BatchLoader(self.particles, cache_bytes=int(config.cache_mb * 2**20))
+        self.background = self._survey_images()
         self.schedule = RobustSchedule(loss=config.loss, keep_start=config.keep_start, keep_end=config.keep_end,
                                        warmup_epochs=config.robust_warmup, power=config.reweight_power,
                                        epochs=config.epochs)
@@ -190,6 +202,8 @@ class Reconstruction:
 
         self.sym_ops = symmetry_operators(config.symmetry)
         self.state = self._restore() if resume else None
+        #: the epoch of the newest checkpoint on disk (what an interrupted run resumes from)
+        self.last_checkpoint_epoch: int | None = self.state.epoch if self.state is not None else None
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
@@ -221,6 +235,19 @@ class Reconstruction:
         self.particles = p.subset(keep)
         log.warning("dropped %d particle row(s) that repeat an earlier row's image (%s); %d particles remain",
                     repeated.size, example, len(self.particles))
+
+    def _survey_images(self) -> dict[str, float]:
+        """Read every image once before any work: refuse images that cannot be reconstructed
+        (overflowing, not finite, constant) and report the background offsets the loader subtracts."""
+        from numba_recon.batch import BackgroundStats, check_backgrounds, survey_backgrounds
+
+        local = shard(np.arange(len(self.particles)), self.comm.rank, self.comm.size)
+        stats = survey_backgrounds(self.particles, local, self.config.batch_size)
+        parts = self.comm.allgather(stats) if self.comm.size > 1 else [stats]
+        # every rank takes the same decision; rank 0 alone logs it
+        summary = check_backgrounds(BackgroundStats.concatenate(parts), self.config.particles,
+                                    report=self.comm.is_root)
+        return summary
 
     def _warm_up_kernels(self) -> None:
         """Compile (or load from Numba's cache) every kernel on rank 0 first, then on the others:
@@ -310,7 +337,19 @@ class Reconstruction:
             if init.shape != volumes.shape[1:]:
                 raise InputFileError(f"initial map has shape {init.shape}, the particles need a box of {self.box}",
                                      cfg.initial_map, "resample the map to the particle box size")
+            from numba_recon.evaluate.filters import lowpass
+
+            # both halves start here: detail the start map shares between them must not reach the
+            # resolutions the FSC measures (RELION's --ini_high)
+            init = lowpass(init.astype(np.float64), cfg.initial_lowpass, self.angpix)
             volumes[:] = np.where(support, init, 0.0)[None]
+            if self.comm.is_root:
+                log.info("both half sets start from %s, low-passed at %.1f A (--initial-lowpass)", cfg.initial_map,
+                         cfg.initial_lowpass)
+                if cfg.initial_lowpass < INITIAL_LOWPASS_WARN_ANGSTROM:
+                    log.warning("--initial-lowpass %.1f A keeps detail finer than %.0f A in the start map that both "
+                                "half sets share: the FSC at those resolutions is not independent; 30-60 A is usual",
+                                cfg.initial_lowpass, INITIAL_LOWPASS_WARN_ANGSTROM)
         lr_abs[:] = cfg.lr * np.asarray(scales)
         data_scale = float(np.mean(scales))
         return RunState(epoch=0, step=0, volumes=volumes, adam=AdamState.zeros(volumes.shape), lr_abs=lr_abs,
@@ -577,6 +616,7 @@ class Reconstruction:
                 s, c = self._evaluate_losses(idx, self._volume_dev[h])
                 cv_losses.append((s, c))
         cv_loss = (sum(s for s, _ in cv_losses) / max(1, sum(c for _, c in cv_losses))) if cv_losses else float("nan")
+        self._check_divergence(st, epoch + 1, total_loss / max(1, n_train), cv_loss)
         from numba_recon.evaluate.fsc import fsc, resolution_at
 
         curve = fsc(st.volumes[0], st.volumes[1])
@@ -616,6 +656,7 @@ class Reconstruction:
                 self._write_split(st)
         self.state = st
         be = self.backend
+        self._start_loss = self._held_out_loss(st) if st.epoch == 0 else float("nan")
         self._adam_preconditioner = self._build_adam_preconditioner(st) if cfg.precondition else None
         self._volume_dev = [be.to_device(st.volumes[0]), be.to_device(st.volumes[1])]
         log.info("%d particles (half 1: %d, half 2: %d; %d held out), box %d, %.3f A/px, backend %s, %d rank(s)",
@@ -623,7 +664,8 @@ class Reconstruction:
                  self.box, self.angpix, be.name, self.comm.size)
         for epoch in range(st.epoch, cfg.epochs):
             self._fault("epoch", epoch)
-            stats = self._run_epoch(st, epoch)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # divergence is checked below
+                stats = self._run_epoch(st, epoch)
             st.epoch = epoch + 1
             row = stats.__dict__.copy()
             st.history.append(row)
@@ -638,6 +680,28 @@ class Reconstruction:
         self.timings["epochs_s"] = time.perf_counter() - t_start
         summary = self._finish(st)
         return summary
+
+    def _held_out_loss(self, st: RunState) -> float:
+        """The held-out loss of the current maps (NaN without held-out particles)."""
+        sums = [self._evaluate_losses(idx, self.backend.to_device(st.volumes[h]))
+                for h in (0, 1) if (idx := np.flatnonzero((st.halves == h + 1) & st.cv)).size]
+        count = sum(c for _, c in sums)
+        return sum(t for t, _ in sums) / count if count else float("nan")
+
+    def _check_divergence(self, st: RunState, epoch: int, train_loss: float, cv_loss: float) -> None:
+        """Stop an adam run whose maps or losses are not finite or whose loss has grown far beyond a
+        blank map's: such maps are garbage and their FSC means nothing. Checked before the epoch's
+        FSC and checkpoint."""
+        blank = self.background["blank_loss"]
+        # a poor start map may score worse than a blank one; what it scored is no divergence
+        reference = max([blank, self._start_loss] + [r["cv_loss"] for r in st.history if np.isfinite(r["cv_loss"])])
+        losses = [train_loss, cv_loss] if st.cv.any() else [train_loss]
+        if np.isfinite(st.volumes).all() and all(np.isfinite(v) and v <= DIVERGENCE_FACTOR * reference
+                                                 for v in losses):
+            return
+        raise InputError(f"the reconstruction diverged in epoch {epoch} (training loss {train_loss:.3g}, held-out "
+                         f"loss {cv_loss:.3g}; a blank map scores {blank:.3g}); no maps were written", None,
+                         f"lower --lr (now {self.config.lr:g}; the default is 0.2) or use the default --optimizer cg")
 
     # ------------------------------------------------------------------ the CG solver (default)
     def _cg_initial_state(self) -> RunState:
@@ -685,13 +749,10 @@ class Reconstruction:
         sums = PassSums(be, 4, n)
         t2 = splat_transfer2(n).astype(np.float32)
         bs = self.config.batch_size
-        bad = [0, 0]  # images without noise; images with overflowing or non-finite pixels
         for h, train in enumerate(self._train_index(st)):
             local = shard(train, self.comm.rank, self.comm.size)
             for start in range(0, local.size, bs):
                 prep = self.loader.prepare(local[start:start + bs])
-                bad[0] += int(np.sum(prep.noise_var <= NOISELESS_VARIANCE))
-                bad[1] += int(np.sum(~np.isfinite(prep.data_norm2) | (prep.noise_var > HUGE_VARIANCE)))
                 w = (1.0 / prep.noise_var.astype(np.float64))
                 rot = be.to_device(prep.rotations)
                 be.weighted_backproject(be.to_device(prep.data), rot, be.to_device((0.5 * w).astype(np.float32)),
@@ -701,15 +762,9 @@ class Reconstruction:
                                   sums.target(2 + h))
                 sums.commit()
         host = sums.reduce(self.comm)
-        noiseless, huge = (int(self.comm.allreduce_scalar(v)) for v in bad)
-        if noiseless:
-            raise InputFileError(f"{noiseless} particle image(s) have no noise outside the particle (a constant "
-                                 "background): they are not particle images, and identical images in both half "
-                                 "sets would fake a resolution", self.config.particles,
-                                 "check the stacks (numba-recon info) and remove those rows")
-        if huge or not (np.isfinite(host).all() and np.abs(host[2:]).max() > 0):
-            raise InputFileError(f"the particle images do not give a usable reconstruction ({huge} image(s) with "
-                                 "pixel values beyond 1e15 or not finite)", self.config.particles,
+        if not (np.isfinite(host).all() and np.abs(host[2:]).max() > 0):
+            raise InputFileError("the particle images do not give a usable reconstruction (the back-projected "
+                                 "data are not finite or the sampling is empty)", self.config.particles,
                                  "normalise the images (zero mean, unit noise outside the particle, as "
                                  "relion_preprocess does) and check them with numba-recon info")
         return host[:2], host[2:] * n
@@ -1015,15 +1070,17 @@ class Reconstruction:
                              f"at pass {st.epoch}")
 
     def _fault(self, where: str, epoch: int) -> None:
-        """Fault injection for tests: ``NUMBA_RECON_FAULT=kill:epoch=E[:rank=R]`` SIGKILLs that rank."""
+        """Fault injection for tests: ``NUMBA_RECON_FAULT=kill:epoch=E[:rank=R]`` SIGKILLs that rank at
+        the start of epoch E; ``int:epoch=E`` sends it SIGINT (Ctrl-C) instead."""
         spec = os.environ.get("NUMBA_RECON_FAULT", "")
-        if not spec.startswith("kill:"):
+        kind, _, rest = spec.partition(":")
+        if kind not in ("kill", "int"):
             return
-        parts = dict(p.split("=", 1) for p in spec[5:].split(":") if "=" in p)
+        parts = dict(p.split("=", 1) for p in rest.split(":") if "=" in p)
         if int(parts.get("epoch", -1)) == epoch and int(parts.get("rank", self.comm.rank)) == self.comm.rank:
             import signal
 
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGINT)
 
     def _checkpoint(self, st: RunState) -> None:
         if st.solver is not None:
@@ -1040,6 +1097,7 @@ class Reconstruction:
                                      "particles_fingerprint": self._fingerprint(),
                                      "provenance": _provenance(), "seed": self.config.seed, "lr_abs": [0.0, 0.0]})
             save_checkpoint(self.out, ckpt)
+            self.last_checkpoint_epoch = st.epoch
             return
         ckpt = Checkpoint(
             epoch=st.epoch, step=st.step, volumes=st.volumes, adam_m=st.adam.m, adam_v=st.adam.v, adam_t=st.adam.t,
@@ -1050,6 +1108,7 @@ class Reconstruction:
                    "data_scale": st.data_scale, "provenance": _provenance(), "seed": self.config.seed},
         )
         save_checkpoint(self.out, ckpt)
+        self.last_checkpoint_epoch = st.epoch
 
     def _write_history(self, history: list[dict[str, Any]]) -> None:
         if not history:

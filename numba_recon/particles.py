@@ -13,6 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+#: The smallest image box (pixels) a reconstruction accepts: the default support radius N/2 - 1 must
+#: reach 3 px, or the map is a few voxels and its "resolution" meaningless.
+MIN_BOX_PX = 8
+
 #: Keys of :attr:`ParticleSet.ctf`, each an ``(n,)`` float64 array, units in the names.
 CTF_KEYS = (
     "defocus_u_angstrom",

@@ -36,6 +36,16 @@ def duplicate_images(particles: ParticleSet) -> np.ndarray:
     return np.flatnonzero(repeated)
 
 
+def _plausible(particles: ParticleSet, path: Path, permissive: bool) -> ParticleSet:
+    """Refuse (or, permissive, drop) physically impossible values; warn about implausible ones."""
+    from numba_recon.plausibility import check_plausibility, drop_impossible
+
+    if permissive:
+        particles = drop_impossible(particles, path)
+    check_plausibility(particles, path)
+    return particles
+
+
 def read_particles(path: str | os.PathLike, *, angpix: float | None = None, root: str | os.PathLike | None = None,
                    class_number: int | None = None, seed: int = 0, permissive: bool = False) -> ParticleSet:
     """Read particles with known poses and CTF parameters from a ``.star`` or ``.thu`` file.
@@ -62,7 +72,9 @@ def read_particles(path: str | os.PathLike, *, angpix: float | None = None, root
     Raises
     ------
     InputFileError
-        Missing file, unknown extension, or any problem the format readers find.
+        Missing file, unknown extension, any problem the format readers find, or a value that
+        cannot be physical (:func:`numba_recon.plausibility.check_plausibility`, which also logs
+        one warning per column of implausible values).
     """
     p = Path(path)
     suffix = p.suffix.lower()
@@ -74,14 +86,15 @@ def read_particles(path: str | os.PathLike, *, angpix: float | None = None, root
     if suffix == ".star":
         from numba_recon.io.star import read_star
 
-        return read_star(p, angpix=angpix, root=root, class_number=class_number, permissive=permissive)
+        return _plausible(read_star(p, angpix=angpix, root=root, class_number=class_number, permissive=permissive),
+                          p, permissive)
 
     from numba_recon.io.names import keyed_half_sets
     from numba_recon.io.thu import read_thu
 
     particles = read_thu(p, angpix=angpix, root=root, seed=seed, permissive=permissive)
     if class_number is None:
-        return particles
+        return _plausible(particles, p, permissive)
     selected = particles.class_number == int(class_number)
     if not selected.any():
         present = ", ".join(str(c) for c in np.unique(particles.class_number)[:20])
@@ -92,4 +105,4 @@ def read_particles(path: str | os.PathLike, *, angpix: float | None = None, root
     subset.half_set = keyed_half_sets(subset.stack_paths, subset.stack_indices, seed)
     subset.table["rlnRandomSubset"] = subset.half_set.astype(np.int64)
     subset.meta["class_selected"] = int(class_number)
-    return subset
+    return _plausible(subset, p, permissive)

@@ -59,14 +59,22 @@ def _figure(width_in: float, height_in: float):
 def _savefig(fig, path: Path) -> None:
     from numba_recon.checkpoint import write_error
 
+    from numba_recon import manifest
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
+    manifest.note_temporary(tmp)  # the output manifest lists what a run writes
+    token = None
     try:
         fig.savefig(tmp, dpi=110)
+        token = manifest.record_write(path, source=tmp)
         os.replace(tmp, path)
     except OSError as err:
+        manifest.undo(token)
         tmp.unlink(missing_ok=True)
         raise write_error(path, err) from None
+    finally:
+        manifest.discard_temporary(tmp)
 
 
 def filtered_average(half1: np.ndarray, half2: np.ndarray, fsc_curve: np.ndarray, resolution_angstrom: float,
@@ -95,15 +103,22 @@ def write_model_star(path: Path, fsc_curve: np.ndarray, box: int, angpix: float,
     ssnr = np.maximum(fsc_c, 0) / (1 - np.maximum(fsc_c, 0))
     table = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": inv, "rlnAngstromResolution": ang,
                           "rlnSsnrMap": ssnr, "rlnGoldStandardFsc": fsc_curve})
+    from numba_recon import manifest
     from numba_recon.checkpoint import write_error
 
     tmp = path.with_name(path.name + ".tmp")
+    manifest.note_temporary(tmp)  # the output manifest lists what a run writes
+    token = None
     try:
         starfile.write({"model_general": general, "model_class_1": table}, tmp, overwrite=True)
+        token = manifest.record_write(path, source=tmp)
         os.replace(tmp, path)
     except OSError as err:
+        manifest.undo(token)
         tmp.unlink(missing_ok=True)
         raise write_error(path, err) from None
+    finally:
+        manifest.discard_temporary(tmp)
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path) -> None:

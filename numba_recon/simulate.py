@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import platform
-import shutil
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from numba_recon import __version__
+from numba_recon import __version__, manifest
 from numba_recon.ctf import ctf_images
 from numba_recon.errors import InputError, OutputError
 from numba_recon.geometry import euler_to_matrix, matrix_to_euler, random_rotations
@@ -55,7 +55,13 @@ STACK_DIR = "Particles"
 TRUTH_NAME = "truth.mrc"
 JUNK_NAME = "junk.csv"
 SUMMARY_NAME = "simulation.json"
+#: Prefix of the hidden staging folder the data set is written into before it is moved into place
+#: (one per invocation, with its own output manifest, so a killed simulate's leftovers are provably ours).
 _TMP_NAME = ".simulate-partial"
+_STAGING_COMMAND = "simulate-staging"
+#: Key of ``simulation.json`` that holds the output manifest of the data set (the files
+#: ``simulate`` wrote, with size and modification time): what a later ``--overwrite`` may remove.
+MANIFEST_KEY = "manifest"
 
 
 def apply_ctf_and_shift(projections: np.ndarray, shifts_px: np.ndarray | None, ctf_params: dict | None,
@@ -434,7 +440,9 @@ def simulate_dataset(
     particles_per_stack
         Images per ``Particles/stack_KKKK.mrcs``.
     overwrite
-        Replace the results of an earlier run in ``out_dir``.
+        Replace the results of an earlier run in ``out_dir``: the files its manifest (in
+        ``simulation.json``) lists and that are unchanged are removed, the new files replace those
+        of the same name; anything else stays (``docs/outputs-and-overwrite.md``).
 
     Returns
     -------
@@ -509,11 +517,19 @@ def simulate_dataset(
     noise_sigma = float(np.sqrt(signal_var / snr))
 
     _prepare_out_dir(out, overwrite)
-    tmp = out / _TMP_NAME
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / STACK_DIR).mkdir(parents=True)
+    _remove_staging_leftovers(out)
+    tmp = out / f"{_TMP_NAME}-{secrets.token_hex(4)}"
     try:
+        tmp.mkdir()
+    except OSError as err:
+        raise OutputError(f"cannot create a folder in the output folder ({err.strerror})", out,
+                          "choose a writable location") from None
+    # every file written into the staging folder is recorded in its own manifest
+    staging = manifest.activate(manifest.Manifest(tmp, _STAGING_COMMAND))
+    staging.begin_recording("new")
+    staging.save()
+    try:
+        (tmp / STACK_DIR).mkdir()
         summary = _write_outputs(
             out, tmp, plan, project_object, project_other, other_scale, noise_sigma, box, pix, pps, chunk,
             seeds[1], user_volume, blobs if user_volume is None else None, voltage_kv, cs_mm, amplitude_contrast)
@@ -549,11 +565,13 @@ def simulate_dataset(
             "forward_model": "b_i = shift_by(-origin_i)(CTF_i * P_{A_i} x) / noise_sigma + n_i",
             "versions": _versions(),
         }
-        (tmp / SUMMARY_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        _commit(tmp, out)
+        _commit(tmp, out, record, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        manifest.deactivate(staging)
+        _remove_staging(tmp, staging)
         raise
+    manifest.deactivate(staging)
+    _remove_staging(tmp, staging)
     elapsed = time.perf_counter() - t0
     result = {
         "out_dir": str(out),
@@ -580,6 +598,7 @@ def _write_outputs(out: Path, tmp: Path, plan: SimulationPlan, project_object: P
                    other_scale: float, noise_sigma: float, box: int, pix: float, pps: int, chunk: int,
                    noise_seed: np.random.SeedSequence, user_volume: np.ndarray | None, blobs: Blobs | None,
                    voltage_kv: float, cs_mm: float, amplitude_contrast: float) -> dict:
+    from numba_recon.io import atomic_output
     from numba_recon.io.mrc import write_stack, write_volume
     from numba_recon.io.star import write_star
 
@@ -619,22 +638,104 @@ def _write_outputs(out: Path, tmp: Path, plan: SimulationPlan, project_object: P
     truth = user_volume if user_volume is not None else render_volume(blobs, box, pix)
     write_volume(tmp / TRUTH_NAME, (np.asarray(truth, dtype=np.float64) / noise_sigma).astype(np.float32), pix,
                  overwrite=True)
-    _junk_table(plan, image_names).to_csv(tmp / JUNK_NAME, index=False, float_format="%.6f")
+    with atomic_output(tmp / JUNK_NAME) as path:
+        _junk_table(plan, image_names).to_csv(path, index=False, float_format="%.6f")
     return {"n_stacks": n_stacks, "measured_snr": float(measured_snr)}
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished outputs from ``tmp`` into ``out``, replacing an earlier run's files."""
-    old_stacks = out / STACK_DIR
-    if old_stacks.is_dir():
-        for f in old_stacks.glob("stack_*.mrcs"):
-            f.unlink()
-    (out / STACK_DIR).mkdir(exist_ok=True)
-    for f in sorted((tmp / STACK_DIR).iterdir()):
-        os.replace(f, out / STACK_DIR / f.name)
-    for name in (STAR_NAME, TRUTH_NAME, JUNK_NAME, SUMMARY_NAME):
-        os.replace(tmp / name, out / name)
-    shutil.rmtree(tmp)
+def _previous_manifest(out: Path) -> "manifest.Manifest | None":
+    """The output manifest of an earlier ``simulate`` in ``out`` (kept in its ``simulation.json``)."""
+    path = out / SUMMARY_NAME
+    if manifest.signature(path) is None:
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        logger.warning("%s is not readable JSON: nothing of the earlier data set is removed", path)
+        return None
+    if not isinstance(data, dict) or MANIFEST_KEY not in data:
+        return None  # written before simulate kept a manifest: nothing can be proven ours
+    try:
+        return manifest.Manifest.from_dict(data[MANIFEST_KEY], out, "simulate", store_name=None)
+    except (ValueError, TypeError, KeyError) as err:
+        logger.warning("%s: the output manifest is not usable (%s); nothing of the earlier data set is removed",
+                       path, err)
+        return None
+
+
+def _commit(tmp: Path, out: Path, record: dict, overwrite: bool) -> None:
+    """Move the finished outputs from ``tmp`` into ``out``, replacing an earlier data set's files.
+
+    With ``overwrite``, the files the earlier data set's manifest lists (in its ``simulation.json``)
+    and that are unchanged since are removed first, then its folders that are empty; nothing else
+    is removed (a stack of the user, or one the user replaced, stays, and a warning names it).
+    ``simulation.json`` is moved in first: its manifest lists the files of the new data set (with
+    the size and time they keep when renamed), so a kill during the moves leaves nothing of ours
+    unlisted.
+    """
+    previous = _previous_manifest(out) if overwrite else None
+    listing = manifest.Manifest(out, "simulate", store_name=None)
+    if previous is not None:
+        removed, changed = previous.remove_own()
+        if removed:
+            logger.info("--overwrite: removed %d file(s) of the earlier data set in %s", len(removed), out)
+        listing.folders = {f for f in previous.folders if (out / f).is_dir()}
+    listing.begin_recording("overwrite" if overwrite else "new")
+    try:
+        (out / STACK_DIR).mkdir(exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create folder ({err.strerror})", out / STACK_DIR,
+                          "choose a writable location") from None
+    moves = [(f, out / STACK_DIR / f.name) for f in sorted((tmp / STACK_DIR).iterdir())]
+    moves += [(tmp / name, out / name) for name in (STAR_NAME, TRUTH_NAME, JUNK_NAME)]
+    for src, dst in moves:
+        listing.record(dst, manifest.signature(src), save=False)
+    record[MANIFEST_KEY] = listing.to_dict()
+    from numba_recon.io import atomic_output
+
+    with atomic_output(tmp / SUMMARY_NAME) as path:
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp / SUMMARY_NAME, out / SUMMARY_NAME)
+    for src, dst in moves:
+        os.replace(src, dst)
+    if overwrite:
+        names = [f"{STACK_DIR}/stack_*.mrcs", STAR_NAME, TRUTH_NAME, JUNK_NAME]
+        manifest.warn_foreign(listing, (STACK_DIR,), names, extra_ignored=(SUMMARY_NAME, tmp.name))
+
+
+def _remove_staging(tmp: Path, staging: "manifest.Manifest") -> None:
+    """Remove a staging folder: the files its manifest lists (still unchanged), then the manifest
+    and the folder. Anything else in it stays, named in a warning."""
+    staging.remove_own()
+    path = staging.path
+    if path is not None:
+        for name in (path, path.with_name(path.name + ".tmp")):
+            try:
+                name.unlink()
+            except OSError:
+                pass
+    try:
+        tmp.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        left = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*"))
+        logger.warning("%s: staging folder kept, it holds files simulate did not write: %s", tmp,
+                       ", ".join(left[:12]) + (f" and {len(left) - 12} more" if len(left) > 12 else ""))
+
+
+def _remove_staging_leftovers(out: Path) -> None:
+    """Staging folders of earlier simulate runs that were killed: removed where their manifest
+    proves the files ours."""
+    try:
+        entries = sorted(out.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(_TMP_NAME + "-") and entry.is_dir() and not entry.is_symlink():
+            staging = manifest.Manifest.load(entry, _STAGING_COMMAND)
+            if staging is not None:
+                _remove_staging(entry, staging)
 
 
 def _versions() -> dict[str, str]:

@@ -473,7 +473,7 @@ def test_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     out.write_text("old content\n")
     import numba_recon.io.star as star
 
-    def broken(name, table):
+    def broken(*args):
         raise RuntimeError("simulated crash while writing")
 
     monkeypatch.setattr(star, "_format_block", broken)

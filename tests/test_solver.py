@@ -279,7 +279,8 @@ def test_degenerate_images_stop_with_one_line(tmp_path, runner, kind, fragment):
 def test_a_support_too_small_is_refused(data, tmp_path, runner):
     res = runner.invoke(main, ["-q", "run", str(data / "particles.star"), "-o", str(tmp_path / "r"), "--backend",
                                "cpu", "--radius", "0.001"])
-    assert res.exit_code == 2 and "support has a radius of 0.001 px" in res.output
+    assert res.exit_code == 2 and "--radius 0.001 px is too small" in res.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_resume_refuses_a_changed_particle_set_and_changed_options(data, tmp_path, runner):

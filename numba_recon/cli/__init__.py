@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "mask": ("numba_recon.cli.mask", "mask", "Create a soft-edged mask from a map."),
     "postprocess": ("numba_recon.cli.postprocess", "postprocess", "Masked FSC, B-factor sharpening, low-pass."),
     "lowpass": ("numba_recon.cli.lowpass", "lowpass", "Low-pass filter a map."),
+    "locres": ("numba_recon.cli.locres", "locres", "Local resolution from windowed half-map FSCs."),
     "project": ("numba_recon.cli.project", "project", "Project a map at the poses of a STAR file."),
     "report": ("numba_recon.cli.report", "report", "Write the HTML report of a run folder."),
 }

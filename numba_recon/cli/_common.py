@@ -46,11 +46,17 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except MemoryError:
             fail("out of memory; use a smaller --batch-size or fewer particles per rank", 1)
         except OSError as err:
-            problems = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                        errno.EFBIG: "file too large for the file-size limit"}
-            if err.errno in problems:
-                fail(f"{err.filename or 'output'}: {problems[err.errno]}; free space or raise the limit and "
+            space = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                     errno.EFBIG: "file too large for the file-size limit"}
+            writable = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                        errno.EPERM: "operation not permitted"}
+            if err.errno in space:
+                fail(f"{err.filename or 'output'}: {space[err.errno]}; free space or raise the limit and "
                      "rerun (files already written are complete and intact)", 2)
+            if err.errno in writable:
+                fail(f"{err.filename or 'output'}: {writable[err.errno]}; make the folder writable (remount it "
+                     "read-write) or choose another location, and rerun (files already written are complete and "
+                     "intact)", 2)
             raise
 
     return wrapper

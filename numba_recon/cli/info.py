@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 import numpy as np
 
 from numba_recon.cli._common import angpix_option, handle_errors
 from numba_recon.errors import InputFileError
-from numba_recon.particles import ParticleSet
+from numba_recon.particles import MIN_BOX_PX, ParticleSet
 
 MRC_SUFFIXES = (".mrc", ".mrcs", ".map", ".rec", ".st")
-_CHECK_BATCH = 256  # images per read when checking every image
+# values per read when checking pixels (about 16 MB of float32): memory stays bounded for any box
+_CHECK_CHUNK_VALUES = 1 << 22
+#: Fewest particles ``numba-recon run`` accepts (2 per half set).
+MIN_PARTICLES = 4
 
 
 def particle_summary(particles: ParticleSet) -> dict[str, Any]:
@@ -54,21 +57,151 @@ def particle_summary(particles: ParticleSet) -> dict[str, Any]:
     return summary
 
 
-def check_particle_images(particles: ParticleSet) -> int:
-    """Read every particle image once (stack by stack) and check it is finite; return the count.
+def _read_images_raw(path: str, wanted: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Images ``wanted`` (sorted, unique, 0-based) of one stack as stored, a bounded chunk at a time.
 
-    Raises :class:`InputFileError` naming the stack and the 1-based image index of the first
-    image with NaN or infinite pixels.
+    Unlike :class:`~numba_recon.io.mrc.StackReader` (which stops at the first non-finite image)
+    this returns NaN and infinite pixels, so they can be counted. Yields ``(indices (k,),
+    images (k, ny, nx))`` in the file's dtype.
+
+    Raises
+    ------
+    InputFileError
+        The stack is not a regular file, is corrupt, or is shorter than its header says.
     """
-    from numba_recon.io.mrc import StackReader, factorize_paths
+    from numba_recon.io.mrc import mrc_header
 
-    codes, _ = factorize_paths(particles.stack_paths)
-    order = np.lexsort((particles.stack_indices, codes))
-    with StackReader() as reader:
-        for start in range(0, len(order), _CHECK_BATCH):
-            index = order[start:start + _CHECK_BATCH]
-            reader.read(particles.stack_paths[index], particles.stack_indices[index], particles.box_size)
-    return len(order)
+    h = mrc_header(path)  # refuses named pipes and devices before anything is opened
+    image_bytes = h.ny * h.nx * h.dtype.itemsize
+    per_chunk = max(1, _CHECK_CHUNK_VALUES // (h.ny * h.nx))
+    try:
+        with open(path, "rb") as f:
+            for start in range(0, len(wanted), per_chunk):
+                chunk = wanted[start:start + per_chunk]
+                images = np.empty((len(chunk), h.ny, h.nx), dtype=h.dtype)
+                runs = np.split(np.arange(len(chunk)), np.flatnonzero(np.diff(chunk) != 1) + 1)
+                for run in runs:  # consecutive images in one read
+                    f.seek(h.data_offset + int(chunk[run[0]]) * image_bytes)
+                    view = memoryview(images[run[0]:run[-1] + 1]).cast("B")
+                    if f.readinto(view) != len(view):
+                        raise InputFileError(f"image {int(chunk[run[0]]) + 1} could not be read (file shorter than "
+                                             "its header says)", path, "re-copy the file or re-extract the particles")
+                yield chunk, images
+    except OSError as err:
+        raise InputFileError(f"cannot read the file ({err.strerror})", path, "check the path and permissions") from None
+
+
+def check_particle_pixels(particles: ParticleSet) -> dict[str, Any]:
+    """Read every particle image once, stack by stack, and count the unusable ones.
+
+    Counts images with NaN or infinite pixels and constant images (every pixel equal: no noise,
+    so not a particle image; ``numba-recon run`` refuses both). Each distinct image is read once,
+    in file order, at most about 16 MB at a time.
+
+    Returns
+    -------
+    dict
+        ``images_checked``, ``images_nonfinite`` and ``images_constant`` (counts of particles,
+        i.e. rows), and ``first_nonfinite`` / ``first_constant``: ``(row, stack, index)`` of the
+        first such particle (0-based row and index) or None; ``first_constant`` also carries the
+        constant value.
+    """
+    from numba_recon.io.mrc import factorize_paths
+
+    n = len(particles)
+    nonfinite = np.zeros(n, dtype=bool)
+    constant = np.zeros(n, dtype=bool)
+    value = np.zeros(n, dtype=np.float64)  # the pixel value of a constant image
+    codes, stacks = factorize_paths(particles.stack_paths)
+    indices = np.asarray(particles.stack_indices, dtype=np.int64)
+    for code, stack in enumerate(stacks):
+        rows = np.flatnonzero(codes == code)
+        wanted, where = np.unique(indices[rows], return_inverse=True)  # rows sharing an image read it once
+        bad = np.zeros(len(wanted), dtype=bool)
+        flat = np.zeros(len(wanted), dtype=bool)
+        level = np.zeros(len(wanted), dtype=np.float64)
+        done = 0
+        for chunk, images in _read_images_raw(str(stack), wanted):
+            pixels = images.reshape(len(chunk), -1)
+            finite = np.isfinite(pixels).all(axis=1)
+            lo, hi = pixels.min(axis=1), pixels.max(axis=1)
+            part = slice(done, done + len(chunk))
+            bad[part] = ~finite
+            flat[part] = finite & (lo == hi)
+            level[part] = np.where(finite, lo, 0).astype(np.float64)
+            done += len(chunk)
+        nonfinite[rows], constant[rows], value[rows] = bad[where], flat[where], level[where]
+
+    def first(mask: np.ndarray) -> tuple[int, str, int] | None:
+        if not mask.any():
+            return None
+        i = int(np.flatnonzero(mask)[0])
+        return i, str(particles.stack_paths[i]), int(indices[i])
+
+    result: dict[str, Any] = {
+        "images_checked": n,
+        "images_nonfinite": int(nonfinite.sum()),
+        "images_constant": int(constant.sum()),
+        "first_nonfinite": first(nonfinite),
+        "first_constant": first(constant),
+    }
+    if result["first_constant"] is not None:
+        result["first_constant"] += (float(value[result["first_constant"][0]]),)
+    return result
+
+
+def blocking_problem(particles: ParticleSet, summary: dict[str, Any]) -> InputFileError | None:
+    """The first problem that stops any reconstruction from these particles, as the error to raise.
+
+    Checked from the metadata: a box below :data:`~numba_recon.particles.MIN_BOX_PX` (what
+    ``numba-recon run`` accepts), and half sets from the file (``rlnRandomSubset``) with every
+    particle in one half. Checked from the pixels when ``summary`` has them
+    (:func:`check_particle_pixels`): images with NaN or infinite pixels and constant images.
+    """
+    path = particles.source
+    box = summary["box_size"]
+    if box < MIN_BOX_PX:
+        return InputFileError(f"box size {box} px is too small for a reconstruction (at least {MIN_BOX_PX} px)",
+                              path, f"re-extract the particles with a box of at least {MIN_BOX_PX} px")
+    halves = summary["half_sets"]
+    from_file = (summary.get("half_split") or {}).get("method") == "rlnRandomSubset"
+    if from_file and halves["0"] == 0 and 0 in (halves["1"], halves["2"]):
+        full, empty = ("1", "2") if halves["2"] == 0 else ("2", "1")
+        return InputFileError(f"all {halves[full]} particles are in half set {full} (rlnRandomSubset {full}) and "
+                              f"half set {empty} is empty: a gold-standard reconstruction needs both halves", path,
+                              "set rlnRandomSubset to 1 for about half of the particles and 2 for the others, or "
+                              "remove the column for a seeded random split")
+    parts = []
+    n = summary.get("images_checked", 0)
+    if summary.get("images_nonfinite"):
+        row, stack, index = summary["first_nonfinite"]
+        parts.append(f"image {index + 1} contains NaN or infinite pixels (stack {stack}, particle {row + 1}, "
+                     f"{summary['images_nonfinite']} of {n} particle images in all)")
+    if summary.get("images_constant"):
+        row, stack, index, level = summary["first_constant"]
+        parts.append(f"image {index + 1} is constant, every pixel {level:g} (stack {stack}, particle {row + 1}, "
+                     f"{summary['images_constant']} of {n} particle images in all)")
+    if parts:
+        why = " (constant images are not particle images)" if summary.get("images_constant") else ""
+        return InputFileError(" and ".join(parts), path,
+                              f"re-extract the particles, or remove those rows from the particle file{why}")
+    return None
+
+
+def readiness(particles: ParticleSet, summary: dict[str, Any]) -> list[str]:
+    """Why ``numba-recon run`` with its default options would still refuse these particles ([] when
+    nothing found): too few particles, or rows that repeat an earlier row's image."""
+    from numba_recon.read import duplicate_images
+
+    reasons = []
+    if summary["n_particles"] < MIN_PARTICLES:
+        reasons.append(f"only {summary['n_particles']} particles (a reconstruction needs at least {MIN_PARTICLES}, "
+                       "2 per half set)")
+    repeated = duplicate_images(particles)
+    if repeated.size:
+        reasons.append(f"{repeated.size} particle row(s) repeat the image of an earlier row (numba-recon run "
+                       "refuses them unless given --drop-duplicates)")
+    return reasons
 
 
 def mrc_summary(path: Path) -> dict[str, Any]:
@@ -158,8 +291,17 @@ def _format_particles(s: dict[str, Any]) -> list[tuple[str, str]]:
          ("yes" if premultiplied == s["n_particles"] else f"{premultiplied} of {s['n_particles']} particles")),
         ("stack files", str(s["n_stack_files"])),
     ]
-    if "images_checked" in s:
-        rows.append(("images checked", f"{s['images_checked']}, all finite"))
+    if s["pixels_checked"]:
+        rows.append(("images checked", f"{s['images_checked']}, all finite, none constant"))
+    if s["not_ready_because"]:
+        verdict = "not ready: " + "; ".join(s["not_ready_because"])
+        if not s["pixels_checked"]:
+            verdict += "; pixels not checked (add --check-pixels)"
+    elif s["pixels_checked"]:
+        verdict = "ready (metadata, stack headers and the pixels of every image checked)"
+    else:
+        verdict = "ready as far as the metadata and stack headers go; pixels not checked (add --check-pixels)"
+    rows.append(("reconstruction", verdict))
     return rows
 
 
@@ -179,18 +321,27 @@ def _format_mrc(s: dict[str, Any]) -> list[tuple[str, str]]:
 @angpix_option
 @click.option("--root", type=click.Path(path_type=Path), default=None,
               help="Folder the image paths of a STAR/.thu file are relative to (default: the file's folder).")
-@click.option("--check-images", is_flag=True,
-              help="Also read every particle image and check it for NaN or infinite pixels (reads all image data).")
+@click.option("--check-pixels", "--check-images", "check_pixels", is_flag=True,
+              help="Also read every particle image, stack by stack with bounded memory, and count images with "
+                   "NaN or infinite pixels and constant images (every pixel equal); either stops a "
+                   "reconstruction, so any found gives exit status 2. Off by default because it reads all the "
+                   "image data (hundreds of GB for large data sets) where the other checks read only the "
+                   "particle file and the stack headers.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handle_errors
-def info(file: Path, angpix: float | None, root: Path | None, check_images: bool, as_json: bool) -> None:
+def info(file: Path, angpix: float | None, root: Path | None, check_pixels: bool, as_json: bool) -> None:
     """Summarise a STAR, .thu or MRC file.
 
     For particle files (RELION .star, THUNDER .thu): particle count, optics groups, pixel size,
     box size, defocus range, half-set sizes, classes, CTF-premultiplied flag and number of stack
-    files. Every index@stack entry is checked against the stack headers, so a clean report means
-    the file is ready for reconstruction. For MRC files (.mrc, .mrcs, .map): shape, voxel size,
-    whether it is a stack or a volume, and min/max/mean/std of the values.
+    files. Every index@stack entry is checked against the stack headers. Problems that stop any
+    reconstruction (a box too small to reconstruct; all particles in one rlnRandomSubset half
+    set; with --check-pixels, images with NaN or infinite pixels or constant images) give one
+    error line and exit status 2. Otherwise the last line, "reconstruction", says "ready", or
+    "not ready" with the reasons numba-recon run would refuse the file (fewer than 4 particles,
+    repeated images), and what was checked: without --check-pixels the pixel values are not
+    read. For MRC files (.mrc, .mrcs, .map): shape, voxel size, whether it is a stack or a
+    volume, and min/max/mean/std of the values.
 
     Examples:
 
@@ -200,14 +351,30 @@ def info(file: Path, angpix: float | None, root: Path | None, check_images: bool
 
       numba-recon info run_half1_class001_unfil.mrc
     """
+    from numba_recon.io.mrc import non_regular_kind
+
+    kind = non_regular_kind(file)
+    if kind is not None and kind != "folder":  # folders get each reader's own message
+        # never opened: reading a named pipe waits for a writer, a device such as /dev/zero never ends
+        raise InputFileError(f"is a {kind}, not a regular file", file,
+                             "give the path of a .star, .thu or MRC file")
     suffix = file.suffix.lower()
     if suffix in (".star", ".thu"):
         from numba_recon.read import read_particles
 
         particles = read_particles(file, angpix=angpix, root=root)
         summary = particle_summary(particles)
-        if check_images:
-            summary["images_checked"] = check_particle_images(particles)
+        problem = blocking_problem(particles, summary)  # the metadata first: no point reading pixels then
+        if problem is None and check_pixels:
+            summary.update(check_particle_pixels(particles))
+            problem = blocking_problem(particles, summary)
+            for key in ("first_nonfinite", "first_constant"):  # None when nothing is found
+                del summary[key]
+        if problem is not None:
+            raise problem
+        summary["pixels_checked"] = check_pixels
+        summary["not_ready_because"] = readiness(particles, summary)
+        summary["ready_for_reconstruction"] = not summary["not_ready_because"]
         rows = _format_particles(summary)
     elif suffix in MRC_SUFFIXES:
         if not file.exists():

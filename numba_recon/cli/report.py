@@ -33,6 +33,10 @@ def report(run_dir: str) -> None:
     if not (out / "summary.json").is_file():
         raise InputError("not a finished run folder (no summary.json)", out,
                          "run `numba-recon run ... -o FOLDER` first, or resume it with --resume")
+    from numba_recon import manifest
+
+    # the plots and the page belong to the run: its manifest lists them, so --overwrite replaces them
+    manifest.start(out, "run", resume=True)
     try:
         make_plots(out)
     except InputError:

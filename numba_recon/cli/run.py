@@ -70,7 +70,8 @@ def parse_keep_fraction(value: str) -> tuple[float | None, float | None]:
               help="adam: lambda of the regulariser n*lambda^2*||x||^2 (default 0.01); cg: an optional fixed ridge "
                    "lambda^2 <K> on top of the prior learned from the FSC (default 0).")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds half split, hold-out and batch order.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds half split, hold-out and batch order (0 to 2^63-1).")
 @click.option("--angpix", type=float, default=None, help="Pixel size in Angstrom (needed for .thu input).")
 @click.option("--root", type=click.Path(file_okay=False), default=None,
               help="Folder that stack paths in the STAR file are relative to (default: the STAR file's folder).")
@@ -82,7 +83,11 @@ def parse_keep_fraction(value: str) -> tuple[float | None, float | None]:
               help="Continue the run in this folder from its newest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace the results in an existing output folder.")
 @click.option("--initial-map", type=click.Path(dir_okay=False), default=None,
-              help="adam: start both halves from this map (cg starts from the direct reconstruction and ignores it).")
+              help="adam: start both halves from this map, low-passed at --initial-lowpass (cg starts from the direct "
+                   "reconstruction and ignores it).")
+@click.option("--initial-lowpass", type=float, default=60.0, show_default=True,
+              help="adam: low-pass the start map at this resolution in Angstrom (RELION's --ini_high). Both halves "
+                   "share the start map, so detail beyond this would be common to them and inflate the FSC.")
 @click.option("--loss", type=click.Choice(["l2", "trimmed", "sorted", "reweighted"]), default="l2", show_default=True,
               help="Per-particle loss: plain least squares, trimmed (sorted) or iteratively reweighted.")
 @click.option("--keep-fraction", default="auto", show_default=True,
@@ -131,26 +136,48 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
     job = Reconstruction(config, comm=comm, progress=verbosity >= 0, resume=resume)
     if not resume:
         if comm.is_root:
-            _clear_outputs(prepare_output_dir(out_dir, overwrite))
+            _clear_outputs(prepare_output_dir(out_dir, overwrite), overwrite, config)
         comm.barrier()
     if resume and comm.is_root:
         # only now, with the stored run reloaded and checked, is the finished run's marker withdrawn
-        (Path(config.out_dir) / "NUMBA_RECON_JOB_EXIT_SUCCESS").unlink(missing_ok=True)
-    summary = job.run()
+        _clear_outputs(Path(config.out_dir), resume=True)
+    try:
+        summary = job.run()
+    except KeyboardInterrupt:
+        _interrupted(job, comm)
     if comm.is_root:
         out = Path(config.out_dir)
-        (out / "NUMBA_RECON_JOB_EXIT_SUCCESS").touch()
+        _mark_success(out)
         click.echo(f"Resolution (half maps, FSC 0.143): {summary['resolution_angstrom']:.2f} A")
         click.echo(f"Maps: {out / 'run_class001.mrc'}, {out / 'run_half1_class001_unfil.mrc'}, "
                    f"{out / 'run_half2_class001_unfil.mrc'}")
         click.echo(f"Report: {out / 'report.html'}")
 
 
-#: Files a run writes directly in its folder, and folders it writes into (``--overwrite`` clears checkpoints/).
+#: Files a run writes directly in its folder, and folders it writes into (``--overwrite`` removes only
+#: what the output manifest lists as written by the previous run: docs/outputs-and-overwrite.md).
 RUN_OUTPUT_FILES = ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_class001.mrc",
                     "run_model.star", "run_data.star", "fsc.csv", "history.csv", "half_sets.csv", "summary.json",
                     "command.txt", "report.html", "NUMBA_RECON_JOB_EXIT_SUCCESS")
 RUN_OUTPUT_FOLDERS = ("checkpoints", "plots", "postprocess")
+
+
+def _interrupted(job, comm) -> None:
+    """Ctrl-C (SIGINT): say how far the run got and how to continue it, exit status 130."""
+    import shlex
+
+    from numba_recon.cli._common import fail
+
+    if not comm.is_root:
+        raise SystemExit(130)
+    done = job.state.epoch if job.state is not None else 0
+    saved = job.last_checkpoint_epoch
+    out = Path(job.config.out_dir)
+    if saved:
+        fail(f"interrupted after {done} complete epoch(s) of {job.config.epochs}; the newest checkpoint is epoch "
+             f"{saved}: continue with  numba-recon run --resume {shlex.quote(str(out))}", 130)
+    fail(f"interrupted after {done} complete epoch(s), before the first checkpoint in {out}: nothing to resume; "
+         "rerun the same command with --overwrite", 130)
 
 
 def _refuse_inputs_among_outputs(config, out: Path) -> None:
@@ -171,14 +198,33 @@ def _refuse_inputs_among_outputs(config, out: Path) -> None:
                              "copy it elsewhere first, or give another -o folder")
 
 
-def _clear_outputs(out: Path) -> None:
-    """With --overwrite: remove a previous run's checkpoints so it cannot be resumed by mistake."""
-    ckpts = out / "checkpoints"
-    if ckpts.is_dir():
-        for f in ckpts.iterdir():
-            f.unlink()
-    for marker in ("NUMBA_RECON_JOB_EXIT_SUCCESS", "NUMBA_RECON_JOB_EXIT_FAILURE"):
-        (out / marker).unlink(missing_ok=True)
+#: Names the run may write, for the warning about files of others that it will replace.
+RUN_OUTPUT_PATTERNS = (*RUN_OUTPUT_FILES, "checkpoints/ckpt_e*.h5", "checkpoints/latest.json", "plots/*.png",
+                       "postprocess/postprocess*")
+
+
+def _clear_outputs(out: Path, overwrite: bool = False, config=None, resume: bool = False) -> None:
+    """Start (or, with ``resume``, continue) the run's output manifest in ``out`` and record into it.
+
+    With --overwrite, remove exactly what the previous run's manifest lists and that is still
+    unchanged (its maps, checkpoints, plots, post-processing...), then the folders it created that
+    are empty; never a file the run did not write (``docs/outputs-and-overwrite.md``). Files that
+    stay are named in a warning. The job markers are withdrawn either way.
+    """
+    from numba_recon import manifest
+
+    protect = [] if config is None else [config.particles, config.mask, config.initial_map]
+    manifest.start(out, "run", overwrite=overwrite, resume=resume, protect=protect, folders=RUN_OUTPUT_FOLDERS,
+                   outputs=RUN_OUTPUT_PATTERNS, markers=manifest.MARKERS)
+    if resume:
+        manifest.withdraw_markers(out)
+
+
+def _mark_success(out: Path) -> None:
+    """RELION's marker of a finished job, listed in the output manifest."""
+    from numba_recon import manifest
+
+    manifest.mark(out / "NUMBA_RECON_JOB_EXIT_SUCCESS")
 
 
 def _config_from_checkpoint(resume_dir: str, ctx: click.Context, options: dict, particles: str | None):

@@ -6,8 +6,11 @@ applies RELION's CTF and a random sub-pixel shift, adds white noise at the reque
 writes RELION files: particles.star (RELION 3.1, half sets in rlnRandomSubset),
 Particles/stack_NNNN.mrcs, truth.mrc (the map in the units of the images), junk.csv (which
 particles are junk, and the true poses) and simulation.json (every parameter, the noise level,
-the measured SNR). SNR = mean variance of the clean CTF-modulated images over the whole box,
-divided by the noise variance; the images are scaled so that the noise has standard deviation 1.
+the measured SNR, the list of files written). SNR = mean variance of the clean CTF-modulated
+images over the whole box, divided by the noise variance; the images are scaled so that the
+noise has standard deviation 1.
+With --overwrite only the files an earlier simulate wrote there (and that are unchanged) are
+removed; other files stay, and a warning names them.
 
 Example:
 

@@ -4,6 +4,8 @@ The public readers and writers are re-exported here and imported on first use, s
 ``import numba_recon.io`` stays cheap. Every writer goes through :func:`atomic_output`: the file is
 written under a hidden temporary name in the destination folder and moved onto the final name
 only when complete, so an interrupted run never leaves a half-written file under the final name.
+Each write is reported to the output manifest (:mod:`numba_recon.manifest`), which is what lets
+``--overwrite`` remove exactly the files numba-recon wrote.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
+from numba_recon import manifest
 from numba_recon.errors import OutputError
 
 __all__ = [
@@ -88,10 +91,16 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = True) -> Iterato
     except OSError as err:
         raise OutputError(f"cannot create folder ({err.strerror})", folder, "choose a writable location") from None
     tmp = folder / f".{final.name}.{secrets.token_hex(4)}.tmp"
+    # the output manifest (numba_recon.manifest) lists the temporary file while it is written and the
+    # final file, with the temporary file's size and time (a rename keeps both), before the rename
+    manifest.note_temporary(tmp)
+    token = None
     try:
         yield tmp
+        token = manifest.record_write(final, source=tmp)
         os.replace(tmp, final)
     except BaseException as err:
+        manifest.undo(token)
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(err, OSError):
@@ -101,3 +110,5 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = True) -> Iterato
             raise OutputError(f"cannot write file ({err.strerror or err})", final,
                               "choose a writable location") from None
         raise
+    finally:
+        manifest.discard_temporary(tmp)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import time
 import warnings
 from collections import OrderedDict
@@ -33,6 +34,7 @@ __all__ = [
     "default_max_open",
     "factorize_paths",
     "mrc_header",
+    "non_regular_kind",
     "read_volume",
     "stack_shape",
     "write_stack",
@@ -101,20 +103,45 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def non_regular_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists but is not a regular file: ``"folder"``, ``"named pipe"``,
+    ``"character device"``, ``"block device"``, ``"socket"`` or ``"special file"``; None for a
+    regular file (or a link to one) and for a path that cannot be looked up.
+
+    Readers check this before opening: opening a named pipe blocks until something writes to it,
+    and a device such as ``/dev/zero`` never ends.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, no permission, NUL in the name: the caller's open reports it
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    for is_kind, kind in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "named pipe"), (stat.S_ISCHR, "character device"),
+                          (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if is_kind(mode):
+            return kind
+    return "special file"
+
+
 def mrc_header(path: str | os.PathLike) -> MrcHeader:
     """Read and check an MRC header without touching the data.
 
     Raises
     ------
     InputFileError
-        The file is missing, is not an MRC file, has an unsupported data mode (complex or
-        packed), or is shorter than its header declares (truncated copy).
+        The file is missing, is not a regular file (a folder, named pipe or device), is not an MRC
+        file, has an unsupported data mode (complex or packed), or is shorter than its header
+        declares (truncated copy).
     """
     p = os.fspath(path)
     if not os.path.exists(p):
         raise InputFileError("file not found", p, "check the path")
     if os.path.isdir(p):
         raise InputFileError("is a folder, not an MRC file", p, "give the path of an .mrc or .mrcs file")
+    kind = non_regular_kind(p)
+    if kind is not None:
+        raise InputFileError(f"is a {kind}, not a regular file", p, "give the path of an .mrc or .mrcs file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # strict mode raises on real problems; hide cosmetic warnings
@@ -345,7 +372,9 @@ class StackReader:
             self._open.move_to_end(path)
             return entry
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            # O_NONBLOCK: a named pipe must not wait here for a writer (mrc_header below refuses it);
+            # regular files ignore the flag
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
         except OSError as err:
             mrc_header(path)  # missing file or folder: the usual message
             raise InputFileError(f"cannot open the file ({err.strerror})", path,

@@ -17,9 +17,10 @@ def image_keys(stack_paths: Iterable[object], stack_indices: Iterable[int], seed
     on ``seed`` and on ``salt`` (one salt per purpose: half split, hold-out...).
     """
     prefix = f"{int(seed)}:{int(salt)}:".encode()
-    keys = [int.from_bytes(hashlib.blake2b(prefix + f"{int(i)}@{os.path.basename(str(p))}".encode(),
-                                            digest_size=8).digest(), "little")
-            for p, i in zip(stack_paths, stack_indices)]
+    # surrogateescape: a stack name read from a non-UTF-8 file hashes as its bytes on disk
+    names = (f"{int(i)}@{os.path.basename(str(p))}".encode("utf-8", "surrogateescape")
+             for p, i in zip(stack_paths, stack_indices))
+    keys = [int.from_bytes(hashlib.blake2b(prefix + name, digest_size=8).digest(), "little") for name in names]
     return np.asarray(keys, dtype=np.uint64)
 
 

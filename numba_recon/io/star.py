@@ -17,6 +17,7 @@ particle; ``index@stack`` is 1-based; stack paths are relative to the STAR file'
 
 from __future__ import annotations
 
+import codecs
 import logging
 import math
 import os
@@ -32,7 +33,7 @@ from pandas.api import types as pdt
 from numba_recon.errors import InputError, InputFileError
 from numba_recon.geometry import euler_to_matrix, matrix_to_euler
 from numba_recon.io import atomic_output
-from numba_recon.io.mrc import factorize_paths, stack_shape
+from numba_recon.io.mrc import factorize_paths, non_regular_kind, stack_shape
 from numba_recon.particles import CTF_KEYS, ParticleSet
 
 __all__ = [
@@ -107,6 +108,8 @@ _PSI_PLACEHOLDER = -999.0
 _RELION30_OPTICS_KEYS = ("rlnAmplitudeContrast", "rlnBeamTiltX", "rlnBeamTiltY", "rlnSphericalAberration",
                          "rlnVoltage", "rlnDetectorPixelSize", "rlnMagnification", "rlnImagePixelSize")
 _VERSION_RE = re.compile(r"^#\s*version\s+(\d+)", re.MULTILINE)
+# An MRC header counts images in a signed 32-bit integer: no stack holds more.
+_MAX_STACK_IMAGES = 2**31 - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +181,8 @@ class RowProblems:
 # --------------------------------------------------------------------------------------------
 
 def resolve_image_names(names: Sequence[str], base_dir: str | os.PathLike, rows: RowProblems, *,
-                        label: str = "rlnImageName") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        label: str = "rlnImageName", encoding: str = "utf-8"
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split ``index@stack`` names and resolve the stack paths.
 
     Parameters
@@ -190,6 +194,9 @@ def resolve_image_names(names: Sequence[str], base_dir: str | os.PathLike, rows:
         Folder that relative stack paths are relative to.
     rows
         Collects malformed names.
+    encoding
+        How the names were decoded from the file: ``"latin-1"`` names are turned back into the
+        file's bytes to find the stacks on disk (``os.fsdecode``).
 
     Returns
     -------
@@ -212,9 +219,18 @@ def resolve_image_names(names: Sequence[str], base_dir: str | os.PathLike, rows:
     malformed |= pd.Series(raw_paths, dtype=object).astype(str).str.strip().eq("").to_numpy()
     rows.report(malformed, lambda i: f"{label} {s.iloc[i]!r} is not index@stack with an index >= 1",
                 "write image names as 000001@path/stack.mrcs (1-based index)")
+    # refused before the int64 cast below, which would wrap 1e20 around to a negative index
+    too_big = ~malformed & (number > _MAX_STACK_IMAGES)
+    rows.report(too_big,
+                lambda i: (f"image index {str(index_text[i]).strip()} in {label} {s.iloc[i]!r} is not a valid "
+                           f"image index (an MRC stack holds at most {_MAX_STACK_IMAGES} images)"),
+                "check the index@stack entries (indices are 1-based)")
+    malformed |= too_big
     indices = np.where(malformed, 0, number).astype(np.int64) - 1
     base = os.path.abspath(os.fspath(base_dir))
     inverse, unique_raw = factorize_paths(raw_paths)
+    if encoding != "utf-8":  # the name's bytes as the file system's str (undecodable bytes as surrogates)
+        unique_raw = [os.fsdecode(str(p).encode(encoding)) for p in unique_raw]
     resolved = np.array([os.path.normpath(os.path.join(base, os.path.expanduser(p))) for p in unique_raw],
                         dtype=object)
     stack_paths = resolved[inverse] if len(resolved) else np.empty(0, dtype=object)
@@ -245,6 +261,7 @@ def check_stacks(stack_paths: np.ndarray, indices: np.ndarray, raw_paths: np.nda
     inverse, unique_paths = factorize_paths(stack_paths)
     n_unique = len(unique_paths)
     exists = np.zeros(n_unique, dtype=bool)
+    special: dict[int, str] = {}  # stack -> what it is when it exists but is not a regular file
     broken = np.zeros(n_unique, dtype=bool)
     n_images = np.zeros(n_unique, dtype=np.int64)
     ny = np.zeros(n_unique, dtype=np.int64)
@@ -255,6 +272,9 @@ def check_stacks(stack_paths: np.ndarray, indices: np.ndarray, raw_paths: np.nda
     for k in np.flatnonzero(used):
         path = str(unique_paths[k])
         if not os.path.isfile(path):
+            kind = non_regular_kind(path)  # never opened: a named pipe would block
+            if kind is not None:
+                special[int(k)] = kind
             continue
         exists[k] = True
         try:
@@ -265,7 +285,12 @@ def check_stacks(stack_paths: np.ndarray, indices: np.ndarray, raw_paths: np.nda
             broken[k] = True
             errors[k] = err
 
-    missing_row = used[inverse] & ~exists[inverse]
+    is_special = np.zeros(n_unique, dtype=bool)
+    is_special[list(special)] = True
+    rows.report(is_special[inverse],
+                lambda i: f"stack file {raw_paths[i]} at {stack_paths[i]} is a {special[int(inverse[i])]}, not a "
+                          "regular file", "point the image names at MRC stack files")
+    missing_row = used[inverse] & ~exists[inverse] & ~is_special[inverse]
     if missing_row.any():
         first = int(np.flatnonzero(missing_row & live)[0])
         raw = str(raw_paths[first])
@@ -378,19 +403,67 @@ def _check_block_names(path: Path) -> None:
         raise InputFileError(f"cannot read the file ({err.strerror})", path, "check the path and permissions") from None
 
 
-def _parse_blocks(path: Path) -> dict:
+def _is_utf8(path: Path) -> bool:
+    """Whether the whole file decodes as UTF-8 (read in 1 MiB chunks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    except OSError as err:
+        raise InputFileError(f"cannot read the file ({err.strerror})", path, "check the path and permissions") from None
+    return True
+
+
+def _read_latin1(path: Path) -> dict:
+    """``starfile.read`` of a file that is not valid UTF-8 (e.g. one Latin-1 byte in a name).
+
+    ``starfile`` reads text as UTF-8 and, on one undecodable byte, silently returns no blocks.
+    The file is decoded as Latin-1 instead (every byte one character: nothing is refused and the
+    bytes can be recovered exactly, ``text.encode("latin-1")``) and parsed from a UTF-8 copy in a
+    temporary folder.
+    """
+    import tempfile
+
+    import starfile
+
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark: dropped, as starfile's own reading does
+        raw = raw[3:]
+    with tempfile.TemporaryDirectory(prefix="numba-recon-star-") as folder:
+        copy = Path(folder) / path.name
+        with open(copy, "w", encoding="utf-8", newline="") as f:  # newline="": line ends kept as they are
+            f.write(raw.decode("latin-1"))
+        del raw
+        return starfile.read(copy, always_dict=True)
+
+
+def _parse_blocks(path: Path) -> tuple[dict, str]:
+    """The data blocks of the file (name -> DataFrame for a loop, dict for a key-value block) and
+    the text encoding they were decoded with.
+
+    Text is UTF-8 (``"utf-8"``); a file that is not valid UTF-8 (RELION accepts any bytes in names)
+    is decoded as Latin-1 (``"latin-1"``), which keeps every byte: :func:`write_star` writes such
+    text back as the same bytes, and image paths are mapped to the file names on disk.
+    """
     import starfile
 
     _check_block_names(path)
+    encoding = "utf-8" if _is_utf8(path) else "latin-1"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            blocks = starfile.read(path, always_dict=True)
+            blocks = starfile.read(path, always_dict=True) if encoding == "utf-8" else _read_latin1(path)
+    except InputError:
+        raise
     except Exception as err:  # starfile/pandas raise many types on malformed text
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputFileError(f"cannot parse the STAR file ({type(err).__name__}: {first})", path,
                              "check that every row of each loop has one value per column") from None
-    return blocks
+    return blocks, encoding
 
 
 def _pick_tables(blocks: dict, path: Path) -> tuple[pd.DataFrame | None, pd.DataFrame, str]:
@@ -537,8 +610,9 @@ def read_star(path: str | os.PathLike, *, angpix: float | None = None, root: str
     Returns
     -------
     ParticleSet
-        ``meta`` holds ``format`` ("star"), ``star_version``, ``pixel_size_source``, ``n_stacks``
-        and ``root``.
+        ``meta`` holds ``format`` ("star"), ``star_version``, ``pixel_size_source``, ``n_stacks``,
+        ``root`` and ``text_encoding`` (``"utf-8"``, or ``"latin-1"`` for a file that is not valid
+        UTF-8: its text values are then the Latin-1 reading of the file's bytes).
 
     Raises
     ------
@@ -551,10 +625,14 @@ def read_star(path: str | os.PathLike, *, angpix: float | None = None, root: str
         raise InputFileError("file not found", path, "check the path")
     if path.is_dir():
         raise InputFileError("is a folder, not a STAR file", path, "give the path of a .star file")
+    kind = non_regular_kind(path)
+    if kind is not None:  # a named pipe would block the reads below; a device may never end
+        raise InputFileError(f"is a {kind}, not a regular file", path, "give the path of a .star file")
     if angpix is not None and (not math.isfinite(angpix) or angpix <= 0):
         raise InputError(f"--angpix {angpix}: not a positive pixel size; give the pixel size in Angstrom (e.g. 1.06)")
     version = _star_version(path)
-    optics, particles, block = _pick_tables(_parse_blocks(path), path)
+    blocks, encoding = _parse_blocks(path)
+    optics, particles, block = _pick_tables(blocks, path)
     where = f"data_{block}"
     for frame, name in ((optics, "data_optics"), (particles, where)):
         if frame is not None and frame.columns.duplicated().any():
@@ -677,7 +755,7 @@ def read_star(path: str | os.PathLike, *, angpix: float | None = None, root: str
     if root is not None and not base_dir.is_dir():
         raise InputError(f"--root {root}: folder not found; give the folder the image paths are relative to")
     stack_paths, stack_indices, raw_paths = resolve_image_names(
-        table["rlnImageName"].fillna("").to_numpy(dtype=object), base_dir, rows)
+        table["rlnImageName"].fillna("").to_numpy(dtype=object), base_dir, rows, encoding=encoding)
 
     if class_number is not None:
         if classes is None:
@@ -726,6 +804,7 @@ def read_star(path: str | os.PathLike, *, angpix: float | None = None, root: str
         "pixel_size_source": "--angpix" if angpix is not None else px_source,
         "n_stacks": int(len(factorize_paths(stack_paths[sel])[1])),
         "root": None if root is None else os.path.abspath(root),
+        "text_encoding": encoding,
     }
     if class_number is not None:
         meta["class_selected"] = int(class_number)
@@ -805,7 +884,21 @@ def _angstrom_origin(shift_px: np.ndarray, pixel_size: float, hint: np.ndarray |
     return out
 
 
-def _format_column(label: str, values: pd.Series) -> list[str]:
+def _as_written(text: str, encoding: str) -> str:
+    """``text`` as the str whose ``utf-8``/``surrogateescape`` encoding is the bytes to write.
+
+    Text read from a Latin-1 (non-UTF-8) file goes back to the file's own bytes; text that cannot
+    have come from such a file (characters beyond Latin-1) is written as UTF-8.
+    """
+    if encoding == "utf-8":
+        return text
+    try:
+        return text.encode(encoding).decode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:
+        return text
+
+
+def _format_column(label: str, values: pd.Series, encoding: str = "utf-8") -> list[str]:
     if pdt.is_bool_dtype(values):
         return [str(int(v)) for v in values.tolist()]
     if pdt.is_integer_dtype(values):
@@ -817,17 +910,18 @@ def _format_column(label: str, values: pd.Series) -> list[str]:
         return [repr(v) for v in floats.tolist()]  # shortest text that reads back to the same float
     out = []
     for v in values.tolist():
-        text = "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+        text = "" if v is None or (isinstance(v, float) and math.isnan(v)) else _as_written(str(v), encoding)
         if text == "" or any(c.isspace() for c in text) or text[0] in "#_'\"" or text.startswith(("data_", "loop_")):
             text = '"' + text.replace('"', "'") + '"'
         out.append(text)
     return out
 
 
-def _format_block(name: str, table: pd.DataFrame) -> str:
+def _format_block(name: str, table: pd.DataFrame, encoding: str = "utf-8") -> str:
+    """One ``data_<name>`` loop; text values in ``encoding`` (see :func:`_as_written`)."""
     lines = [f"\n# version {STAR_VERSION_WRITTEN}\n", f"data_{name}\n", "loop_"]
-    lines += [f"_{label} #{i}" for i, label in enumerate(table.columns, start=1)]
-    columns = [_format_column(label, table[label]) for label in table.columns]
+    lines += [f"_{_as_written(str(label), encoding)} #{i}" for i, label in enumerate(table.columns, start=1)]
+    columns = [_format_column(label, table[label], encoding) for label in table.columns]
     lines += [" ".join(row) for row in zip(*columns)]
     return "\n".join(lines) + "\n\n"
 
@@ -840,7 +934,9 @@ def write_star(particles: ParticleSet, path: str | os.PathLike, *,
     come from the :class:`ParticleSet` arrays; every other column of ``particles.table`` (e.g.
     ``rlnMicrographName``, ``rlnCoordinateX``) is carried over unchanged. Image names are
     ``%06d@path`` with paths relative to the output file's folder. Values are written as the
-    shortest text that reads back to the same number, so read -> write -> read is exact.
+    shortest text that reads back to the same number, so read -> write -> read is exact. Text is
+    UTF-8; text read from a file that was not valid UTF-8 (``meta["text_encoding"] == "latin-1"``)
+    is written back as the bytes it was read from.
 
     Parameters
     ----------
@@ -951,8 +1047,12 @@ def write_star(particles: ParticleSet, path: str | os.PathLike, *,
         return pd.to_numeric(table[label], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
     shifts = np.asarray(particles.shifts_px, dtype=np.float64).reshape(-1, 2)
+    encoding = "latin-1" if particles.meta.get("text_encoding") == "latin-1" else "utf-8"
+    image_names = format_image_names(particles.stack_paths, particles.stack_indices, path.parent)
+    if encoding != "utf-8":  # file-system names (undecodable bytes as surrogates) in the table's Latin-1 text
+        image_names = np.array([os.fsencode(n).decode(encoding) for n in image_names.tolist()], dtype=object)
     values: dict[str, np.ndarray] = {
-        "rlnImageName": format_image_names(particles.stack_paths, particles.stack_indices, path.parent),
+        "rlnImageName": image_names,
         "rlnAngleRot": angles[:, 0],
         "rlnAngleTilt": angles[:, 1],
         "rlnAnglePsi": angles[:, 2],
@@ -982,6 +1082,7 @@ def write_star(particles: ParticleSet, path: str | os.PathLike, *,
         out[label] = column
 
     with atomic_output(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(_format_block("optics", optics_table))
-            f.write(_format_block("particles", out))
+        # surrogateescape: _as_written maps the bytes of a non-UTF-8 input to lone surrogates, written back as bytes
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(_format_block("optics", optics_table, encoding))
+            f.write(_format_block("particles", out, encoding))

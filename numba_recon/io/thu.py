@@ -77,20 +77,26 @@ def random_half_sets(n: int, seed: int) -> np.ndarray:  # kept for callers that 
     return half
 
 
-def _data_lines(path: Path) -> tuple[list[list[str]], np.ndarray]:
-    """Token lists of the particle lines and their 1-based line numbers (comments and blanks skipped)."""
+def _data_lines(path: Path) -> tuple[list[list[str]], np.ndarray, str]:
+    """Token lists of the particle lines, their 1-based line numbers (comments and blanks skipped)
+    and the text encoding: UTF-8, or Latin-1 for a file that is not valid UTF-8 (it keeps every byte,
+    so stack names with such bytes are found on disk and written back unchanged)."""
     tokens: list[list[str]] = []
     numbers: list[int] = []
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, start=1):
-                if "#" in line or not line.strip():
-                    continue
-                tokens.append(line.split())
-                numbers.append(number)
+        raw = path.read_bytes()
     except OSError as err:
         raise InputFileError(f"cannot read the file ({err.strerror})", path, "check the path and permissions") from None
-    return tokens, np.asarray(numbers, dtype=np.int64)
+    try:
+        text, encoding = raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        text, encoding = raw.decode("latin-1"), "latin-1"
+    for number, line in enumerate(text.splitlines(), start=1):
+        if "#" in line or not line.strip():
+            continue
+        tokens.append(line.split())
+        numbers.append(number)
+    return tokens, np.asarray(numbers, dtype=np.int64), encoding
 
 
 def read_thu(path: str | os.PathLike, *, angpix: float | None, root: str | os.PathLike | None = None, seed: int = 0,
@@ -137,7 +143,7 @@ def read_thu(path: str | os.PathLike, *, angpix: float | None, root: str | os.Pa
     if not math.isfinite(angpix) or angpix <= 0:
         raise InputError(f"--angpix {angpix}: not a positive pixel size; give the pixel size in Angstrom (e.g. 1.06)")
 
-    lines, line_numbers = _data_lines(path)
+    lines, line_numbers, encoding = _data_lines(path)
     if not lines:
         raise InputFileError("contains no particle lines", path, "give a .thu file with at least one particle")
     counts = np.fromiter((len(t) for t in lines), dtype=np.int64, count=len(lines))
@@ -198,7 +204,8 @@ def read_thu(path: str | os.PathLike, *, angpix: float | None, root: str | os.Pa
     base_dir = Path(root) if root is not None else path.parent
     if root is not None and not base_dir.is_dir():
         raise InputError(f"--root {root}: folder not found; give the folder the image paths are relative to")
-    stack_paths, stack_indices, raw_paths = resolve_image_names(text[:, 7], base_dir, rows, label="particle path")
+    stack_paths, stack_indices, raw_paths = resolve_image_names(text[:, 7], base_dir, rows, label="particle path",
+                                                                encoding=encoding)
     box = check_stacks(stack_paths, stack_indices, raw_paths, rows, root_given=root is not None)
     keep = rows.finish()
     sel = np.flatnonzero(keep)
@@ -260,6 +267,7 @@ def read_thu(path: str | os.PathLike, *, angpix: float | None, root: str | os.Pa
         source=path,
         meta={
             "format": "thu",
+            "text_encoding": encoding,
             "pixel_size_source": "--angpix",
             "n_stacks": int(len(factorize_paths(stack_paths[sel])[1])),
             "root": None if root is None else os.path.abspath(root),
@@ -348,7 +356,7 @@ def write_thu(particles: ParticleSet, path: str | os.PathLike) -> None:
                               "as comments", path, "rename the files so their paths contain no '#'")
 
     with atomic_output(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:  # bytes as read
             f.write("\n".join(_header_lines()) + "\n")
             for row in zip(*columns):
                 f.write(" ".join(row) + "\n")
