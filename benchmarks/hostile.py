@@ -23,7 +23,11 @@ Two checks are made on every case:
 - inflated resolution: when a run exits 0 and writes ``summary.json``, the FSC of the written
   average map against ``truth.mrc`` gives a truth-based resolution (FSC 0.5); the reported
   resolution is inflated when it is better than 0.8 times that, or when it is Nyquist while the
-  truth-based resolution is not.
+  truth-based resolution is not. Shell 0 (the mean) is not judged, nor, with ``--initial-map``, the
+  shells below the start map's low-pass, which both halves share by design. A run that warned
+  about its CTF or pixel-size values and whose maps then disagree with the truth is counted as
+  "wrong CTF or pixel size (warned)": both half maps carry the same model error, which no
+  gold-standard FSC can see.
 
 Each child process also gets an address-space limit (``--mem-limit-gb``), so that a reader fed
 ``/dev/zero`` fails instead of taking the machine's memory.
@@ -1205,7 +1209,17 @@ def inflation(ctx: Ctx, started: float) -> dict:
         res["inflation_note"] = f"not checked: map box {average.shape} differs from the truth's {truth.shape}"
         return res
     box = truth.shape[0]
-    true_res = float(resolution_at(fsc(average, truth), box, angpix, 0.5))
+    curve = np.array(fsc(average, truth), dtype=np.float64)
+    # shell 0 is the mean, which the FSC does not judge; with --initial-map the shells below the start
+    # map's low-pass (and its edge) are shared by design, as with RELION's --ini_high
+    ignore = 1
+    argv = ctx.argv or []
+    if "--initial-map" in argv:
+        lowpass = float(argv[argv.index("--initial-lowpass") + 1]) if "--initial-lowpass" in argv else 60.0
+        ignore = int(round(box * angpix / lowpass)) + 2
+        res["ignored_shells"] = ignore
+    curve[:ignore] = 1.0
+    true_res = float(resolution_at(curve, box, angpix, 0.5))
     nyquist = 2 * angpix
     res["truth_resolution_angstrom"] = true_res
     at_nyquist = abs(reported - nyquist) <= 1e-6 * nyquist
@@ -1257,13 +1271,17 @@ def execute(case_: Case, work: Path, datasets: dict[str, Path], timeout: float, 
         "python_warning": bool(re.search(r"\w+Warning: ", err)),
     })
     record.update(inflation(ctx, started) if rc == 0 else {"inflated": None})
+    if record.get("inflated") and cls == "warning" and record["family"] == "physics":
+        # CTF or pixel-size values that do not fit the images: both half maps carry the same model
+        # error, so their FSC cannot see it; the run warned about the values
+        record["inflated"], record["wrong_model_warned"] = False, True
     if not keep:
         shutil.rmtree(case_dir, ignore_errors=True)
     return record
 
 
 COLUMNS = ("cases", "ok", "warnings", "refused / clean errors", "tracebacks", "hangs", "files lost",
-           "inflated resolutions")
+           "inflated resolutions", "wrong CTF or pixel size (warned)")
 
 
 def tally(records: list[dict]) -> dict[str, collections.Counter]:
@@ -1277,6 +1295,7 @@ def tally(records: list[dict]) -> dict[str, collections.Counter]:
                "hang": "hangs", "setup-error": "setup errors"}[r["class"]]] += 1
             c["files lost"] += bool(r["files_lost"])
             c["inflated resolutions"] += bool(r.get("inflated"))
+            c["wrong CTF or pixel size (warned)"] += bool(r.get("wrong_model_warned"))
     return rows
 
 

@@ -69,7 +69,7 @@ def main() -> None:
         truth_res = resolution_at(fsc(0.5 * (h1 + h2), truth), 64, 2.0, 0.5)
         half_res = resolution_at(fsc(h1, h2), 64, 2.0, 0.143)
         with open(out / "history.csv") as fh:
-            hist = list(csv.DictReader(fh))
+            hist = list(csv.DictReader(line for line in fh if not line.startswith("#")))
         res_hist = [float(r["resolution_angstrom"]) for r in hist]
         shell = [round(128 / r) for r in res_hist]
         converged = next(i + 1 for i, s in enumerate(shell) if s >= shell[-1] - 1)

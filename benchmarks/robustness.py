@@ -54,7 +54,6 @@ def reconstruct(star: Path, out: Path, loss: str, epochs: int, extra: dict) -> d
 def score_run(out: Path, truth: np.ndarray, junk: np.ndarray | None, box: int, angpix: float) -> dict:
     from numba_recon.evaluate.fsc import fsc, resolution_at
     from numba_recon.io.mrc import read_volume
-    from numba_recon.io.star import read_star
 
     h1, _ = read_volume(out / "run_half1_class001_unfil.mrc")
     h2, _ = read_volume(out / "run_half2_class001_unfil.mrc")
@@ -65,13 +64,16 @@ def score_run(out: Path, truth: np.ndarray, junk: np.ndarray | None, box: int, a
         "halfmap_fsc0143_angstrom": resolution_at(half, box, angpix, 0.143),
     }
     if junk is not None:
-        data = read_star(out / "run_data.star")
-        scores = data.table["rlnNumbaReconScore"].to_numpy(np.float64)
+        import pandas as pd
+
+        # one row per particle, in the order of run_data.star (the input order)
+        table = pd.read_csv(out / "run_data_scores.csv", comment="#")
+        scores = table["score"].to_numpy(np.float64)
         row["auc"] = roc_auc(scores, junk)
-        kept = data.table["rlnNumbaReconKept"].to_numpy().astype(bool)
+        kept = table["kept"].to_numpy().astype(bool)
         row["junk_kept_fraction"] = float(kept[junk].mean())
         row["good_kept_fraction"] = float(kept[~junk].mean())
-    hist = (out / "history.csv").read_text().strip().splitlines()
+    hist = [ln for ln in (out / "history.csv").read_text().strip().splitlines() if not ln.startswith("#")]
     keys = hist[0].split(",")
     secs = [float(dict(zip(keys, line.split(",")))["seconds"]) for line in hist[1:]]
     row["seconds_per_epoch"] = float(np.median(secs))

@@ -47,9 +47,13 @@ class Backend(NamedTuple):
     forward_residual: Callable[..., None]
     weighted_backproject: Callable[..., None]
     insert_weights: Callable[..., None]
+    scale_gradient: Callable[..., None]
+    adam_update: Callable[..., None]
     to_device: Callable[..., Any]
     to_host: Callable[[Any], Any]
     zeros: Callable[..., Any]
+    fill: Callable[[Any, float], None]
+    copy_into: Callable[[Any, Any], Any]
     synchronize: Callable[[], None]
 
 
@@ -145,11 +149,11 @@ def get_backend(name: str = "auto") -> Backend:
     if key == "cuda":
         return _load_cuda()
     if _simulator():
-        log.info("backend auto: cpu (NUMBA_ENABLE_CUDASIM=1 is set; the CUDA simulator runs only with --backend cuda)")
+        log.debug("backend auto: cpu (NUMBA_ENABLE_CUDASIM=1 is set; the CUDA simulator runs only with --backend cuda)")
         return _load_cpu()
     module, problem = _cuda_module()
     if problem is not None:
-        log.info("backend auto: cpu (no usable CUDA GPU: %s)", problem)
+        log.debug("backend auto: cpu (no usable CUDA GPU: %s)", problem)
         return _load_cpu()
     backend = _from_module("cuda", module)
     log.info("backend auto: cuda (%s)", _gpu_name())

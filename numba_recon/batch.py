@@ -5,7 +5,9 @@ Minibatches come from one permutation per (seed, epoch, half), identical on ever
 of ``s`` takes rows ``r::s`` of each global minibatch. The mathematics therefore does not depend on
 the number of ranks, only the order of floating-point sums does.
 
-For each particle the loader computes, once (then caches while memory allows):
+For each particle the loader computes (and keeps, for as many particles as ``--cache-mb`` holds; the
+others are prepared again at every use, by a background reader one or two batches ahead of the
+operator: :class:`BatchLoader`):
 
 - ``data = H T^{-1} b``: the image moved by ``+origin`` (Fourier phase ramp) and filtered by its CTF
   ``H = C`` (or ``C^2`` for CTF-premultiplied images, whose model is ``C^2 P x``);
@@ -23,7 +25,13 @@ say what was subtracted and refuse images that cannot be reconstructed.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import threading
+import time
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +41,7 @@ import scipy.fft
 from numba_recon.ctf import ctf_images
 from numba_recon.io.names import HOLDOUT_SALT, image_keys, keyed_half_sets, order_by_key
 from numba_recon.particles import ParticleSet
+from numba_recon.threads import fft_workers
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +106,14 @@ def shard(batch: np.ndarray, rank: int, size: int) -> np.ndarray:
     return batch[rank::size]
 
 
+def batch_chunks(index: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``index (k,)`` cut into consecutive chunks of ``batch_size`` (the last may be shorter): the
+    batches, in order, of a pass that prepares ``index[start:start + batch_size]`` in turn (what
+    :meth:`BatchLoader.schedule` is told)."""
+    index = np.asarray(index, dtype=np.int64)
+    return [index[start:start + batch_size] for start in range(0, index.size, max(1, int(batch_size)))]
+
+
 def shift_phase(box_size: int, shifts_px: np.ndarray) -> np.ndarray:
     """Fourier phase ramps that move image content by ``+shift``: ``exp(-2 pi i k.s / N)``.
 
@@ -157,17 +174,26 @@ class BackgroundStats:
     blank_loss
         ``||b - mean||^2 / (N^2 std^2)``: the noise-normalised loss of a blank map, the scale every
         per-particle loss of the run is compared with.
+    digest
+        ``(k,)`` uint64, a hash of the image's pixels: two rows with the same digest hold copies of
+        one image (real images differ in their noise).
     """
 
     mean: np.ndarray
     std: np.ndarray
     peak: np.ndarray
     blank_loss: np.ndarray
+    digest: np.ndarray
+
+    KEYS = ("mean", "std", "peak", "blank_loss", "digest")
 
     @staticmethod
     def concatenate(parts: "list[BackgroundStats]") -> "BackgroundStats":
-        keys = ("mean", "std", "peak", "blank_loss")
-        return BackgroundStats(*(np.concatenate([getattr(p, k) for p in parts]) for k in keys))
+        return BackgroundStats(*(np.concatenate([getattr(p, k) for p in parts]) for k in BackgroundStats.KEYS))
+
+    def take(self, index: np.ndarray) -> "BackgroundStats":
+        """The statistics of the rows at positions ``index``."""
+        return BackgroundStats(*(getattr(self, k)[index] for k in BackgroundStats.KEYS))
 
 
 def survey_backgrounds(particles: ParticleSet, index: np.ndarray, batch_size: int = 256) -> BackgroundStats:
@@ -186,10 +212,22 @@ def survey_backgrounds(particles: ParticleSet, index: np.ndarray, batch_size: in
             peak[~np.isfinite(flat).all(axis=1)] = np.inf
             power = np.einsum("bi,bi->b", flat - mean[:, None], flat - mean[:, None], dtype=np.float64)
             blank = power / (flat.shape[1] * std**2)
-        parts.append(BackgroundStats(mean, std, peak, blank))
+        digest = np.array([int.from_bytes(hashlib.blake2b(np.ascontiguousarray(image).tobytes(),
+                                                          digest_size=8).digest(), "little") for image in images],
+                          dtype=np.uint64)
+        parts.append(BackgroundStats(mean, std, peak, blank, digest))
     if not parts:
-        return BackgroundStats(*(np.zeros(0) for _ in range(4)))
+        return BackgroundStats(*(np.zeros(0) for _ in range(4)), np.zeros(0, np.uint64))
     return BackgroundStats.concatenate(parts)
+
+
+def copied_images(digest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose pixels equal an earlier row's (by ``digest (n,)``), and for each the earlier row:
+    ``(copies (k,), originals (k,))`` int64, 0-based."""
+    _, first, inverse = np.unique(digest, return_index=True, return_inverse=True)
+    original = first[inverse]
+    copies = np.flatnonzero(original != np.arange(digest.size))
+    return copies, original[copies]
 
 
 #: Background variances at or below this are no noise (constant images); peaks above PEAK_LIMIT
@@ -277,61 +315,401 @@ class PreparedData:
     rotations: np.ndarray
 
 
+#: Batches the background reader prepares ahead of the consumer, the one it is computing included:
+#: two is double buffering (one waits while the next is prepared), and memory holds the cache plus
+#: this many batches.
+PREFETCH_DEPTH = 2
+#: Particles are prepared in chunks whose float64 ``(N, N)`` temporaries (the CTF) take about this
+#: many bytes: arrays that stay in the CPU cache make the elementwise steps about twice as fast as
+#: whole-batch arrays of tens of MB (32 particles at box 128), and a row comes out bitwise the same.
+PREP_CHUNK_BYTES = 4 << 20
+#: How often an idle or waiting thread looks again at a condition nobody signals (the loader freed
+#: without :meth:`BatchLoader.cancel`, a reader that ended): seconds.
+POLL_S = 0.25
+#: A reader with nothing announced and nothing waiting for the consumer ends after this long idle
+#: (seconds); the next :meth:`BatchLoader.schedule` starts another. No thread outlives a run.
+IDLE_EXIT_S = 2.0
+#: How long stopping the reader waits for the batch it is computing: seconds. A reader stuck in a
+#: read (a hung file system) is a daemon thread and does not keep the process alive.
+JOIN_TIMEOUT_S = 30.0
+
+
+def _same_batch(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two index arrays name the same rows in the same order."""
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+class ReadAhead:
+    """The background reader of a :class:`BatchLoader`: a daemon thread that prepares announced
+    batches, in order, at most ``depth`` of them ahead of the consumer.
+
+    Made by :meth:`BatchLoader.schedule`; the consumer takes results with :meth:`take` (through
+    :meth:`BatchLoader.prepare`). Used as a context manager it stops the reader when the block
+    ends with an exception (a normal end leaves what was announced beyond the block pending).
+
+    The thread prepares with its own :class:`~numba_recon.io.mrc.StackReader` (a reader keeps open
+    files in an LRU that is not thread-safe) and holds only a weak reference to the loader: a loader
+    that is freed ends its reader within :data:`POLL_S`, and a reader left with nothing to prepare or
+    hand over ends after :data:`IDLE_EXIT_S`. An exception raised while preparing a batch ends the
+    thread and is raised again, the same object, by the :meth:`take` of that batch.
+    """
+
+    def __init__(self, loader: "BatchLoader", depth: int) -> None:
+        self.depth = max(1, int(depth))
+        self._loader = weakref.ref(loader)
+        self._cond = threading.Condition()
+        #: the announced batches from position ``_base`` on (those before were taken: dropped, so
+        #: a long run does not accumulate index arrays), each with the caller's numpy error state
+        self._batches: list[tuple[np.ndarray, dict[str, str]]] = []
+        self._base = 0
+        #: finished batches the consumer has not taken: position -> (prepared, exception)
+        self._results: dict[int, tuple[PreparedData | None, BaseException | None]] = {}
+        self._consumed = 0  # batches before this position were taken or skipped
+        self._produced = 0  # batches before this position were started by the reader
+        self._stopped = False
+        self._alive = True
+        #: the most prepared rows held ahead of the consumer at once (finished or being prepared)
+        self.peak_ahead_rows = 0
+        self._thread = threading.Thread(target=self._run, name="numba-recon-reader", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------- consumer side
+    def __enter__(self) -> "ReadAhead":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.stop()
+
+    @property
+    def active(self) -> bool:
+        """Whether the reader thread is running (it may be idle, waiting for batches)."""
+        return self._thread.is_alive() and not self._stopped
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def pending(self) -> int:
+        """Announced batches the consumer has not taken yet."""
+        with self._cond:
+            return self._end - self._consumed
+
+    @property
+    def _end(self) -> int:
+        """The position after the last announced batch."""
+        return self._base + len(self._batches)
+
+    def _batch(self, k: int) -> np.ndarray:
+        return self._batches[k - self._base][0]
+
+    def extend(self, batches: Sequence[np.ndarray], errstate: dict[str, str]) -> bool:
+        """Append ``batches`` if they continue this schedule: the batches still pending must be their
+        first ones (announcing again what is pending does not repeat it). Returns False, changing
+        nothing, otherwise or when the reader has ended."""
+        with self._cond:
+            if self._stopped or not self._alive:
+                return False
+            pending = [b for b, _ in self._batches[self._consumed - self._base:]]
+            if len(pending) > len(batches) or not all(_same_batch(a, b) for a, b in zip(pending, batches)):
+                return False
+            self._batches.extend((b, errstate) for b in batches[len(pending):])
+            self._cond.notify_all()
+            return True
+
+    def take(self, index: np.ndarray) -> PreparedData | None:
+        """The prepared batch ``index`` if it was announced (waiting for the reader if needed), or
+        None: the caller prepares it itself. Announced batches before it are dropped (the consumer
+        skipped them). Raises the reader's exception for the batch that raised it."""
+        with self._cond:
+            j = next((k for k in range(self._consumed, self._end) if _same_batch(self._batch(k), index)), None)
+            if j is None:
+                return None
+            for k in range(self._consumed, j):
+                self._results.pop(k, None)
+            self._consumed = j  # lets the reader start batch j if it has not
+            self._cond.notify_all()
+            while j not in self._results and self._alive and not self._stopped:
+                self._cond.wait(POLL_S)
+            result = self._results.pop(j, None)
+            self._consumed = j + 1
+            del self._batches[:self._consumed - self._base]
+            self._base = self._consumed
+            self._cond.notify_all()
+        if result is None:  # the reader ended before this batch
+            return None
+        prepared, error = result
+        if error is not None:
+            self.stop()
+            raise error
+        return prepared
+
+    def stop(self, timeout: float = JOIN_TIMEOUT_S) -> None:
+        """End the reader and drop what it prepared; waits for the batch it is computing."""
+        with self._cond:
+            self._stopped = True
+            self._results.clear()
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # -------------------------------------------------------------- reader thread
+    def _run(self) -> None:
+        from numba_recon.io.mrc import StackReader
+
+        reader = StackReader()
+        try:
+            while True:
+                with self._cond:
+                    self._produced = max(self._produced, self._consumed)
+                    idle_since = time.monotonic()
+                    while not self._stopped and (self._produced >= self._end
+                                                 or self._produced - self._consumed >= self.depth):
+                        if self._loader() is None:
+                            return
+                        if self._results or self._produced < self._end:
+                            idle_since = time.monotonic()
+                        elif time.monotonic() - idle_since > IDLE_EXIT_S:
+                            self._stopped = True  # under the lock: extend() now starts a new reader
+                            return
+                        self._cond.wait(POLL_S)
+                        self._produced = max(self._produced, self._consumed)
+                    if self._stopped:
+                        return
+                    i = self._produced
+                    self._produced += 1
+                    index, errstate = self._batches[i - self._base]
+                    ahead = index.size + sum(self._batch(k).size for k in self._results)
+                    self.peak_ahead_rows = max(self.peak_ahead_rows, ahead)
+                loader = self._loader()
+                if loader is None:
+                    return
+                try:
+                    with np.errstate(**errstate):
+                        result: tuple[PreparedData | None, BaseException | None] = (loader._assemble(index, reader),
+                                                                                   None)
+                except BaseException as err:  # noqa: BLE001 - handed to the consumer, who raises it
+                    result = (None, err)
+                del loader
+                with self._cond:
+                    if i >= self._consumed and not self._stopped:  # else skipped or cancelled meanwhile
+                        self._results[i] = result
+                    self._cond.notify_all()
+                if result[1] is not None:
+                    return
+        finally:
+            reader.close()
+            with self._cond:
+                self._alive = False
+                self._cond.notify_all()
+
+
 class BatchLoader:
-    """Reads and prepares particles for the operator, caching prepared rows up to ``cache_bytes``.
+    """Reads and prepares particles for the operator: a cache of prepared rows up to ``cache_bytes``
+    and a background reader for the rest.
+
+    **Cache.** A prepared row takes ``2 N^2`` float32 plus 16 bytes. The first ``cache_rows`` distinct
+    rows the loader prepares, in the order it prepares them, are kept for the whole run and never
+    replaced; every other row is prepared again at each use. The engine's passes visit their
+    particles in the same order every time (the cg solver: training rows of half 1, then half 2,
+    then the held-out rows), so the same rows hit the cache in every pass, which is all a fixed set
+    can do; an evicting cache would, for passes that each read every row once in the same order,
+    hit nothing. With ``cache_rows >= n`` the whole data set is prepared once. Which rows are kept
+    never changes a result: a row is prepared by the same arithmetic whichever batch it is in.
+
+    **Streaming.** :meth:`schedule` announces the batches the next :meth:`prepare` calls will ask
+    for; a daemon thread (:class:`ReadAhead`) prepares them in that order, at most ``prefetch``
+    batches ahead (image reads, FFTs and most numpy work release the GIL, so it overlaps the
+    operator). :meth:`prepare` returns the read-ahead result when it is asked for an announced
+    batch and prepares anything else itself, so a caller that does not follow its announcement
+    gets the same arrays, only without the overlap. Memory: the cache plus ``prefetch`` batches.
+
+    Usage (``batches`` a list of index arrays, in the order they will be prepared)::
+
+        with loader.schedule(batches):          # an exception in the block stops the reader
+            for part in batches:
+                prep = loader.prepare(part)     # the prefetched arrays, bitwise what prepare computes
+
+    ``schedule`` while an earlier schedule has batches pending continues it if those are the first
+    of the new list, and otherwise replaces it; :meth:`cancel` stops the reader. An exception raised
+    while preparing a batch in the background (an :class:`~numba_recon.errors.InputFileError` for a
+    damaged stack) is raised by the ``prepare`` call of that batch, the same exception object.
 
     Parameters
     ----------
     particles
         The particle set.
     cache_bytes
-        Memory budget for prepared rows (``2 N^2`` floats each). Beyond it rows are prepared again
-        at every use, so peak memory is bounded by the batch size, not by the data set.
+        Memory budget for prepared rows. Beyond it rows are prepared again at every use, so peak
+        memory is bounded by the cache and a few batches, not by the data set.
+    prefetch
+        Batches prepared ahead by the background reader (0: no reader, :meth:`schedule` does nothing;
+        default :data:`PREFETCH_DEPTH`, read when the loader is made).
     """
 
-    def __init__(self, particles: ParticleSet, cache_bytes: int = 1 << 30) -> None:
+    #: the per-row arrays of :class:`PreparedData` that are prepared (and cached); rotations are read
+    _KEYS = ("data", "filters2", "data_norm2", "noise_var")
+
+    def __init__(self, particles: ParticleSet, cache_bytes: int = 1 << 30, prefetch: int | None = None) -> None:
         self.particles = particles
         self.n = len(particles)
         self.box = particles.box_size
-        per_row = 2 * self.box * self.box * 4 + 16
-        self.cache_rows = min(self.n, max(0, int(cache_bytes // per_row)))
+        self.row_bytes = 2 * self.box * self.box * 4 + 16
+        self.cache_rows = min(self.n, max(0, int(cache_bytes // self.row_bytes)))
+        self.prefetch = max(0, int(PREFETCH_DEPTH if prefetch is None else prefetch))
         self._cache: dict[str, np.ndarray] | None = None
-        self._cached = np.zeros(self.n, dtype=bool)
+        #: cache slot of each row, -1 where it is not cached; a slot is written before it is published
+        self._slot = np.full(self.n, -1, dtype=np.int64)
+        self._used = 0
+        self._lock = threading.Lock()  # slots and counters: the reader thread prepares too
+        self._read_ahead: ReadAhead | None = None
         self._bg = background_mask(self.box)
+        #: ``prefetched`` / ``synchronous``: batches served by the reader / prepared by the caller;
+        #: ``computed_rows``: rows prepared from their images; ``cache_hits``: rows served by the cache
+        self.stats = {"prefetched": 0, "synchronous": 0, "computed_rows": 0, "cache_hits": 0}
 
-    def _allocate_cache(self) -> None:
-        if self._cache is None and self.cache_rows >= self.n:
-            n, box = self.n, self.box
-            self._cache = {
-                "data": np.empty((n, box, box), np.float32),
-                "filters2": np.empty((n, box, box), np.float32),
-                "data_norm2": np.empty(n, np.float32),
-                "noise_var": np.empty(n, np.float32),
-            }
+    # -------------------------------------------------------------- streaming
+    def schedule(self, batches: Sequence[np.ndarray]) -> "ReadAhead | contextlib.nullcontext[None]":
+        """Announce the index arrays ``(b,)`` of the coming :meth:`prepare` calls, in order, and
+        start preparing them in the background. Returns a context manager: the reader, which a block
+        ending with an exception stops, or a no-op one with ``prefetch`` 0 or nothing announced."""
+        batches = [np.asarray(b, dtype=np.int64) for b in batches]
+        if self.prefetch == 0:
+            return contextlib.nullcontext()
+        errstate = np.geterr()  # the caller's; numpy keeps it per thread
+        current = self._read_ahead
+        if current is not None and current.extend(batches, errstate):
+            return current
+        self.cancel()
+        if not batches:
+            return contextlib.nullcontext()
+        self._read_ahead = ReadAhead(self, self.prefetch)
+        self._read_ahead.extend(batches, errstate)
+        return self._read_ahead
+
+    def cancel(self) -> None:
+        """Stop the background reader (if any) and drop the batches it prepared."""
+        current, self._read_ahead = self._read_ahead, None
+        if current is not None:
+            current.stop()
+
+    close = cancel
+
+    @property
+    def reading(self) -> bool:
+        """Whether a background reader thread is running."""
+        return self._read_ahead is not None and self._read_ahead.active
+
+    @property
+    def cached_rows(self) -> int:
+        """Rows in the cache now (at most :attr:`cache_rows`)."""
+        return self._used
 
     def prepare(self, index: np.ndarray) -> PreparedData:
-        """Prepared arrays for the particles at positions ``index`` (in that order)."""
+        """Prepared arrays for the particles at positions ``index (b,)`` (in that order): the
+        read-ahead result when ``index`` was announced by :meth:`schedule`, else prepared here."""
         index = np.asarray(index, dtype=np.int64)
-        self._allocate_cache()
-        if self._cache is not None:
-            missing = index[~self._cached[index]]
-            if missing.size:
-                fresh = self._compute(np.unique(missing))
-                for key in self._cache:
-                    self._cache[key][np.unique(missing)] = getattr(fresh, key)
-                self._cached[np.unique(missing)] = True
-            c = self._cache
-            return PreparedData(c["data"][index], c["filters2"][index], c["data_norm2"][index],
-                                c["noise_var"][index], self._rotations(index))
-        return self._compute(index)
+        current = self._read_ahead
+        if current is not None:
+            prepared = current.take(index)
+            if prepared is not None:
+                self.stats["prefetched"] += 1
+                return prepared
+        self.stats["synchronous"] += 1
+        return self._assemble(index)
+
+    # -------------------------------------------------------------- cache
+    def _assemble(self, index: np.ndarray, reader: Any = None) -> PreparedData:
+        """Cached rows copied, the others prepared from their images (and cached while there is
+        room); ``reader`` the stack reader of the calling thread (None: the particle set's)."""
+        if self.cache_rows == 0:
+            fresh = self._compute(index, reader)
+            with self._lock:
+                self.stats["computed_rows"] += index.size
+            return fresh
+        with self._lock:
+            slots = self._slot[index]
+        hit = slots >= 0
+        if hit.all():
+            with self._lock:
+                self.stats["cache_hits"] += index.size
+            return self._gather(index, slots)
+        missing = index[~hit]
+        _, first, inverse = np.unique(missing, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")  # distinct rows in the order they are asked for
+        rows = missing[first[order]]
+        fresh = self._compute(rows, reader)
+        self._admit(rows, fresh)
+        with self._lock:
+            self.stats["computed_rows"] += rows.size
+            self.stats["cache_hits"] += int(hit.sum())
+        if not hit.any() and rows.size == index.size:
+            return fresh  # every row new and distinct: rows == index
+        where = np.empty(rows.size, dtype=np.int64)
+        where[order] = np.arange(rows.size)
+        pick = where[inverse]  # position in ``rows`` of each missing entry of ``index``
+        arrays = {}
+        for key in self._KEYS:
+            computed = getattr(fresh, key)
+            arrays[key] = target = np.empty((index.size,) + computed.shape[1:], computed.dtype)
+            target[~hit] = computed[pick]
+            if hit.any():  # a slot >= 0 means the cache exists and the row is written
+                target[hit] = self._cache[key][slots[hit]]
+        return PreparedData(**arrays, rotations=self._rotations(index))
+
+    def _gather(self, index: np.ndarray, slots: np.ndarray) -> PreparedData:
+        c = self._cache
+        assert c is not None
+        return PreparedData(**{key: c[key][slots] for key in self._KEYS}, rotations=self._rotations(index))
+
+    def _admit(self, rows: np.ndarray, fresh: PreparedData) -> None:
+        """Keep the first of ``rows`` (prepared as ``fresh``) that are not cached, while there is room."""
+        with self._lock:
+            room = self.cache_rows - self._used
+            if room <= 0:
+                return
+            new = np.flatnonzero(self._slot[rows] < 0)[:room]  # the other thread may have kept some
+            if not new.size:
+                return
+            if self._cache is None:
+                k, box = self.cache_rows, self.box
+                self._cache = {"data": np.empty((k, box, box), np.float32),
+                               "filters2": np.empty((k, box, box), np.float32),
+                               "data_norm2": np.empty(k, np.float32), "noise_var": np.empty(k, np.float32)}
+            slots = np.arange(self._used, self._used + new.size)
+            for key, array in self._cache.items():
+                array[slots] = getattr(fresh, key)[new]
+            self._slot[rows[new]] = slots  # published after the rows are written
+            self._used += new.size
 
     def _rotations(self, index: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self.particles.rotations[index], dtype=np.float32)
 
-    def _compute(self, index: np.ndarray) -> PreparedData:
+    def _compute(self, index: np.ndarray, reader: Any = None) -> PreparedData:
+        """Prepare the rows ``index (b,)`` from their images, read in one go and prepared
+        :data:`PREP_CHUNK_BYTES` at a time."""
+        box = self.box
+        b = index.size
+        images = self.particles.read_images(index, reader).astype(np.float32, copy=False)
+        data = np.empty((b, box, box), np.float32)
+        filters2 = np.empty((b, box, box), np.float32)
+        norm2 = np.empty(b, np.float32)
+        noise_var = np.empty(b, np.float32)
+        step = max(1, PREP_CHUNK_BYTES // (8 * box * box))
+        for start in range(0, b, step):
+            rows = slice(start, start + step)
+            self._prepare_rows(index[rows], images[rows], data[rows], filters2[rows], norm2[rows], noise_var[rows])
+        noise_var = np.maximum(noise_var, np.float32(1e-12))
+        return PreparedData(data=data, filters2=filters2, data_norm2=norm2, noise_var=noise_var,
+                            rotations=self._rotations(index))
+
+    def _prepare_rows(self, index: np.ndarray, images: np.ndarray, data: np.ndarray, filters2: np.ndarray,
+                      norm2: np.ndarray, noise_var: np.ndarray) -> None:
+        """Fill ``data``, ``filters2 (c, N, N)``, ``norm2`` and ``noise_var (c,)`` for the rows ``index (c,)``
+        from their images ``(c, N, N)`` float32. Every step is per image, so a row comes out the same
+        in any chunk."""
         p = self.particles
         box = self.box
-        images = p.read_images(index).astype(np.float32, copy=False)
         with np.errstate(over="ignore", invalid="ignore"):  # overflowing images are refused by the survey
             images = images - background_means(images, self._bg)[:, None, None].astype(np.float32)
         ctf_full = ctf_images({k: v[index] for k, v in p.ctf.items()}, box, p.pixel_size_angstrom, half=False)
@@ -342,17 +720,16 @@ class BatchLoader:
         premult = p.ctf_premultiplied[index]
         h_half = np.where(premult[:, None, None], ctf_half * ctf_half, ctf_half)
         h_full = np.where(premult[:, None, None], ctf_full * ctf_full, ctf_full)
-        spectrum = scipy.fft.rfft2(images, workers=-1) * shift_phase(box, p.shifts_px[index])
-        shifted = scipy.fft.irfft2(spectrum, s=(box, box), workers=-1)
-        data = scipy.fft.irfft2(spectrum * h_half, s=(box, box), workers=-1).astype(np.float32)
+        spectrum = scipy.fft.rfft2(images, workers=fft_workers()) * shift_phase(box, p.shifts_px[index])
+        shifted = scipy.fft.irfft2(spectrum, s=(box, box), workers=fft_workers())
+        data[:] = scipy.fft.irfft2(spectrum * h_half, s=(box, box), workers=fft_workers()).astype(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # overflowing images are refused by the caller
-            norm2 = np.einsum("bij,bij->b", shifted, shifted, dtype=np.float64).astype(np.float32)
+            norm2[:] = np.einsum("bij,bij->b", shifted, shifted, dtype=np.float64).astype(np.float32)
         bg = images[:, self._bg]
         with np.errstate(over="ignore", invalid="ignore"):
-            noise_var = bg.var(axis=1, dtype=np.float64).astype(np.float32)
-        noise_var = np.maximum(noise_var, np.float32(1e-12))
-        return PreparedData(data=np.ascontiguousarray(data), filters2=np.ascontiguousarray(h_full * h_full, np.float32),
-                            data_norm2=norm2, noise_var=noise_var, rotations=self._rotations(index))
+            noise_var[:] = bg.var(axis=1, dtype=np.float64).astype(np.float32)
+        filters2[:] = (h_full * h_full).astype(np.float32, copy=False)
 
     def describe(self) -> dict[str, Any]:
-        return {"particles": self.n, "box": self.box, "cached": self._cache is not None}
+        return {"particles": self.n, "box": self.box, "cached": self.cache_rows >= self.n,
+                "cache_rows": self.cache_rows, "cached_rows": self._used, "prefetch": self.prefetch}

@@ -108,6 +108,11 @@ _WRITE_ERRORS = (
 )
 
 
+def checkpoint_name(epoch: int) -> str:
+    """The file name of the checkpoint written after ``epoch`` epochs: ``ckpt_e0005.h5``."""
+    return f"ckpt_e{int(epoch):04d}.h5"
+
+
 def write_error(path: Path, err: BaseException) -> OutputError:
     """One clear :class:`OutputError` for a failed write of ``path`` (disk full, quota, file-size
     limit, I/O error), whatever layer raised it (the OS, or HDF5 through h5py)."""
@@ -162,7 +167,7 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     """
     folder = Path(out_dir) / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"ckpt_e{ckpt.epoch:04d}.h5"
+    name = checkpoint_name(ckpt.epoch)
     final = folder / name
     tmp = folder / (name + ".tmp")
     datasets = {"volumes": ckpt.volumes, "adam_m": ckpt.adam_m, "adam_v": ckpt.adam_v}
@@ -211,6 +216,14 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     atomic_write_text(folder / LATEST, json.dumps({"checkpoint": name, "epoch": ckpt.epoch}) + "\n")
     _prune(folder, keep)
     return final
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> None:
+    """After a finished run: keep the newest ``keep`` of the run's own checkpoints in
+    ``out_dir/checkpoints`` (``--keep-checkpoints``)."""
+    folder = Path(out_dir) / "checkpoints"
+    if folder.is_dir():
+        _prune(folder, keep)
 
 
 def _prune(folder: Path, keep: int, exclude: Path | None = None) -> None:

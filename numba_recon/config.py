@@ -75,6 +75,8 @@ class RunConfig:
         Fraction of each half held out for the cross-validation loss.
     checkpoint_every
         Write a checkpoint every this many epochs (and always at the end).
+    keep_checkpoints
+        Checkpoints kept once the run has finished (the newest; two are kept while it runs).
     initial_map
         ``adam``: optional MRC to start both halves from, low-passed at ``initial_lowpass``.
     initial_lowpass
@@ -88,6 +90,8 @@ class RunConfig:
         Point group (``C1``, ``Cn``, ``Dn``, ``T``, ``O``, ``I1``..``I4``).
     mask
         Optional mask for post-processing at the end of the run.
+    truth
+        Optional map of the truth (simulated data) for the report's map-vs-truth FSC.
     radius_px
         Support radius of the map in pixels (None: ``N // 2 - 1``).
     cache_mb
@@ -112,6 +116,7 @@ class RunConfig:
     class_number: int | None = None
     cv_fraction: float = 0.05
     checkpoint_every: int = 1
+    keep_checkpoints: int = 1
     initial_map: str | None = None
     initial_lowpass: float = 60.0
     loss: str = "l2"
@@ -121,6 +126,7 @@ class RunConfig:
     reweight_power: float = 1.0
     symmetry: str = "C1"
     mask: str | None = None
+    truth: str | None = None
     radius_px: float | None = None
     cache_mb: float = 2048.0
 
@@ -156,6 +162,9 @@ class RunConfig:
                       "use 0 for no regulariser, or e.g. 0.01")
         if not 0 <= self.cv_fraction < 0.5:
             raise bad("--cv-fraction", f"must be in [0, 0.5) (got {self.cv_fraction})", "the default is 0.05")
+        if self.keep_checkpoints <= 0:
+            raise bad("--keep-checkpoints", f"must be positive (got {self.keep_checkpoints})",
+                      "keep at least the newest (1), which --resume needs to go on with more --epochs")
         if self.checkpoint_every <= 0:
             raise bad("--checkpoint-every", f"must be positive (got {self.checkpoint_every})", "give at least 1")
         if (self.keep_start is None) != (self.keep_end is None):

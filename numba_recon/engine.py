@@ -30,7 +30,7 @@ from numba_recon.loss import (RobustSchedule, good_population, particle_scores, 
                               robust_weights)
 from numba_recon.particles import MIN_BOX_PX
 from numba_recon.reduce import Comm, describe_mpi, get_comm, select_device
-from numba_recon.step import AdamState, CGState, adam_step, cg_direction, cg_step
+from numba_recon.step import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, AdamState, CGState, cg_direction, cg_step
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ RUN_PREFIX = "run"
 #: The CG solver stops when a pass lowers the held-out loss by less than this fraction of what the
 #: direct reconstruction gained over a blank map.
 CV_TOLERANCE = 0.005
+#: Width (pixels) of the soft edge that takes a start map to zero inside the adam support.
+SOFT_START_EDGE_PX = 6.0
 #: A start map low-passed finer than this shares detail between the halves that the FSC would count.
 INITIAL_LOWPASS_WARN_ANGSTROM = 20.0
 #: An adam epoch whose loss exceeds this multiple of a blank map's loss has diverged.
@@ -76,6 +78,19 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     data_scale: float = 1.0
     solver: dict[str, Any] | None = None
+
+
+def _eta(history: list[dict[str, Any]], epochs: int) -> str:
+    """The time the remaining epochs take at the median pace so far, as ``1h02m``, ``3m05s`` or ``12s``."""
+    done = len(history)
+    if done >= epochs:
+        return "done"
+    seconds = float(np.median([float(r["seconds"]) for r in history[-5:]])) * (epochs - done)
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+    if seconds >= 60:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{seconds:.0f}s"
 
 
 def particle_fingerprint(particles: Any) -> str:
@@ -144,6 +159,59 @@ class PassSums:
         return np.asarray(self.backend.to_host(self.total) if not self.on_host else self.total, dtype=np.float64)
 
 
+@dataclass
+class DeviceStep:
+    """The backend arrays of an adam run, allocated once and reused by every step.
+
+    The maps, their gradients and the Adam moments live here from the first step to the last;
+    the host copies in :class:`RunState` are refreshed once per epoch (the maps, for the FSC and
+    the outputs) or when a checkpoint is due (the moments). ``B`` is the largest shard of a
+    minibatch one rank handles; ``P`` bounds the particles one rank processes in an epoch.
+
+    Attributes
+    ----------
+    params, grad, m, v
+        ``(2, N, N, N)`` float32: half maps, summed minibatch gradients, first and second moments.
+    rotations
+        ``(B, 3, 3)`` float32, the shard's poses (uploaded into ``[:b]`` each step).
+    filters2, data, residual
+        ``(B, N, N)`` float32: squared CTFs, filtered images, residuals.
+    data_norm2, weights, ones
+        ``(B,)`` float32: image norms, robust weights, and unit weights for the plain L2 loss.
+    losses, energy
+        ``(P,)`` float32: per-particle losses and model energies of the epoch, in processing
+        order, left on the device and copied to the host once at the end of the epoch.
+    """
+
+    params: Any
+    grad: Any
+    m: Any
+    v: Any
+    rotations: Any
+    filters2: Any
+    data: Any
+    residual: Any
+    data_norm2: Any
+    weights: Any
+    ones: Any
+    losses: Any
+    energy: Any
+
+    @classmethod
+    def allocate(cls, backend: Any, st: RunState, n: int, width: int, per_epoch: int) -> "DeviceStep":
+        """Buffers for maps of box ``n``, shards of up to ``width`` particles and ``per_epoch``
+        particles an epoch; the maps and moments start as ``st``'s."""
+        be = backend
+        shape = st.volumes.shape
+        width, per_epoch = max(1, width), max(1, per_epoch)
+        return cls(params=be.copy_into(be.zeros(shape), st.volumes), grad=be.zeros(shape),
+                   m=be.copy_into(be.zeros(shape), st.adam.m), v=be.copy_into(be.zeros(shape), st.adam.v),
+                   rotations=be.zeros((width, 3, 3)), filters2=be.zeros((width, n, n)), data=be.zeros((width, n, n)),
+                   residual=be.zeros((width, n, n)), data_norm2=be.zeros((width,)), weights=be.zeros((width,)),
+                   ones=be.copy_into(be.zeros((width,)), np.ones(width, np.float32)),
+                   losses=be.zeros((per_epoch,)), energy=be.zeros((per_epoch,)))
+
+
 class Reconstruction:
     """One reconstruction job on one rank. Build it, then call :meth:`run`.
 
@@ -193,8 +261,12 @@ class Reconstruction:
             from numba_recon.report import validate_mask
 
             validate_mask(config.mask, self.box, self.angpix)  # a wrong mask stops the run before any work
-        self.loader = BatchLoader(self.particles, cache_bytes=int(config.cache_mb * 2**20))
+        if config.truth:
+            from numba_recon.plots import find_truth
+
+            find_truth(config.particles, self.box, self.angpix, config.truth)  # so does a truth that does not fit
         self.background = self._survey_images()
+        self.loader = BatchLoader(self.particles, cache_bytes=int(config.cache_mb * 2**20))
         self.schedule = RobustSchedule(loss=config.loss, keep_start=config.keep_start, keep_end=config.keep_end,
                                        warmup_epochs=config.robust_warmup, power=config.reweight_power,
                                        epochs=config.epochs)
@@ -225,7 +297,7 @@ class Reconstruction:
             return
         p = self.particles
         first = int(repeated[0])
-        example = f"row {first + 1}: {int(p.stack_indices[first])}@{Path(str(p.stack_paths[first])).name}"
+        example = f"row {first + 1}: {int(p.stack_indices[first]) + 1:06d}@{Path(str(p.stack_paths[first])).name}"
         if not self.config.drop_duplicates:
             raise InputFileError(
                 f"{repeated.size} particle row(s) repeat the image of an earlier row ({example}); one image in "
@@ -238,15 +310,41 @@ class Reconstruction:
 
     def _survey_images(self) -> dict[str, float]:
         """Read every image once before any work: refuse images that cannot be reconstructed
-        (overflowing, not finite, constant) and report the background offsets the loader subtracts."""
-        from numba_recon.batch import BackgroundStats, check_backgrounds, survey_backgrounds
+        (overflowing, not finite, constant) and copies of one image in several rows (or, with
+        --drop-duplicates, keep the first), and report the background offsets the loader subtracts."""
+        from numba_recon.batch import BackgroundStats, check_backgrounds, copied_images, survey_backgrounds
 
-        local = shard(np.arange(len(self.particles)), self.comm.rank, self.comm.size)
-        stats = survey_backgrounds(self.particles, local, self.config.batch_size)
-        parts = self.comm.allgather(stats) if self.comm.size > 1 else [stats]
-        # every rank takes the same decision; rank 0 alone logs it
-        summary = check_backgrounds(BackgroundStats.concatenate(parts), self.config.particles,
-                                    report=self.comm.is_root)
+        n, size = len(self.particles), self.comm.size
+        rows = np.arange(n)
+        stats = survey_backgrounds(self.particles, shard(rows, self.comm.rank, size), self.config.batch_size)
+        parts = self.comm.allgather(stats) if size > 1 else [stats]
+        # back to row order: rank r surveyed rows r::size
+        order = np.concatenate([shard(rows, r, size) for r in range(size)])
+        stats = BackgroundStats.concatenate(parts).take(np.argsort(order, kind="stable"))
+        # every rank takes the same decisions; rank 0 alone logs them
+        summary = check_backgrounds(stats, self.config.particles, report=self.comm.is_root)
+        copies, originals = copied_images(stats.digest)
+        if copies.size:
+            p = self.particles
+
+            def name(i: int) -> str:
+                return f"row {i + 1} ({int(p.stack_indices[i]) + 1:06d}@{Path(str(p.stack_paths[i])).name})"
+
+            example = f"{name(int(copies[0]))} has the pixels of {name(int(originals[0]))}"
+            if not self.config.drop_duplicates:
+                raise InputFileError(f"{copies.size} particle image(s) are pixel-for-pixel copies of an earlier row's "
+                                     f"image ({example}); copies in both half sets would inflate the resolution",
+                                     self.config.particles, "remove the copied rows (or the copied stacks), or add "
+                                     "--drop-duplicates to keep the first of each image")
+            keep = np.setdiff1d(rows, copies)
+            self.particles = p.subset(keep)
+            self._fingerprint_value = None
+            if self.comm.is_root:
+                log.warning("dropped %d particle row(s) whose image copies an earlier row's (%s); %d particles "
+                            "remain", copies.size, example, len(self.particles))
+            if len(self.particles) < 4:
+                raise InputFileError(f"only {len(self.particles)} distinct particle images", self.config.particles,
+                                     "a reconstruction needs at least 4 particles (2 per half set)")
         return summary
 
     def _warm_up_kernels(self) -> None:
@@ -341,7 +439,14 @@ class Reconstruction:
 
             # both halves start here: detail the start map shares between them must not reach the
             # resolutions the FSC measures (RELION's --ini_high)
-            init = lowpass(init.astype(np.float64), cfg.initial_lowpass, self.angpix)
+            from numba_recon.objective import soft_sphere
+
+            # a soft edge inside the support first: the support's hard edge would otherwise put the
+            # shared low-passed map back at every frequency
+            edge = min(SOFT_START_EDGE_PX, 0.5 * self.radius)
+            init = soft_sphere(self.box, self.radius - edge, edge) * lowpass(init.astype(np.float64),
+                                                                              cfg.initial_lowpass, self.angpix)
+            init = lowpass(init, cfg.initial_lowpass, self.angpix)
             volumes[:] = np.where(support, init, 0.0)[None]
             if self.comm.is_root:
                 log.info("both half sets start from %s, low-passed at %.1f A (--initial-lowpass)", cfg.initial_map,
@@ -371,14 +476,14 @@ class Reconstruction:
             rot = be.to_device(prep.rotations)
             be.weighted_backproject(be.to_device(-prep.data), rot, be.to_device(np.ones(local.size, np.float32)),
                                     self.radius, grad)
+        self.comm.allreduce_sum_(grad)  # on the device where MPI is CUDA-aware
         g = be.to_host(grad).astype(np.float32)
-        self.comm.allreduce_sum_(g)
         energy = 0.0
         if local.size:
             b = local.size
             resid = be.zeros((b, n, n))
             losses = be.zeros((b,))
-            be.forward_residual(be.to_device(g), rot, be.to_device(prep.filters2), be.zeros((b, n, n)),
+            be.forward_residual(grad, rot, be.to_device(prep.filters2), be.zeros((b, n, n)),
                                 be.zeros((b,)), self.radius, resid, losses)
             energy = float(np.sum(be.to_host(losses), dtype=np.float64))
         energy = self.comm.allreduce_scalar(energy)
@@ -404,24 +509,44 @@ class Reconstruction:
         losses = be.to_host(losses_dev).astype(np.float64)
         return prep, rot, resid, losses, particle_scores(losses, prep.data_norm2, be.to_host(energy_dev))
 
-    def _loss_and_gradient(self, local: np.ndarray, volume_dev: Any, grad_dev: Any,
-                           weights_fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Forward, loss and adjoint for one rank's shard of a global minibatch.
+    def _loss_and_gradient(self, local: np.ndarray, volume_dev: Any, grad_dev: Any, weights_fn: Any,
+                           buffers: DeviceStep, offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """Forward, loss and adjoint for one rank's shard of a global minibatch, on the backend.
 
-        ``weights_fn(local_scores) -> local_weights`` sees the scores and returns the weights (it
-        gathers across ranks when the robust loss needs global ranking). Returns the shard's losses,
-        scores and noise-normalised losses ``l_i / (N^2 sigma_i^2)``.
+        The shard's inputs are copied into the reused ``buffers``; its losses and model energies
+        are written to ``buffers.losses`` and ``buffers.energy`` at ``[offset:offset + b]`` and stay
+        there (the epoch reads them once, at its end). ``weights_fn(local_scores) -> local_weights``
+        sees the scores and returns the weights (it gathers across ranks when the robust loss
+        needs global ranking): only then are the shard's ``(b,)`` losses and energies copied to the
+        host, every step. ``weights_fn`` None means unit weights (plain L2), and nothing is copied.
+        The gradient ``sum 2 w_i P_i^T r_i`` is accumulated into ``grad_dev`` ``(N, N, N)``.
+
+        Returns the shard's host ``(b,)`` noise variances and image norms (what turns the losses
+        into scores and noise-normalised losses at the end of the epoch).
         """
         be = self.backend
         b = local.size
-        n = self.box
         if b == 0:
-            weights_fn(np.zeros(0))
-            return np.zeros(0), np.zeros(0), np.zeros(0)
-        prep, rot, resid, losses, scores = self._forward(local, volume_dev)
-        w = weights_fn(scores)
-        be.weighted_backproject(resid, rot, be.to_device(np.asarray(w, np.float32)), self.radius, grad_dev)
-        return losses, scores, losses / (n * n * prep.noise_var.astype(np.float64))
+            if weights_fn is not None:
+                weights_fn(np.zeros(0))  # a collective on every rank, even one without particles
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        prep = self.loader.prepare(local)
+        rot = be.copy_into(buffers.rotations[:b], prep.rotations)
+        resid = buffers.residual[:b]
+        losses_dev = buffers.losses[offset:offset + b]
+        energy_dev = buffers.energy[offset:offset + b]
+        be.forward_residual(volume_dev, rot, be.copy_into(buffers.filters2[:b], prep.filters2),
+                            be.copy_into(buffers.data[:b], prep.data),
+                            be.copy_into(buffers.data_norm2[:b], prep.data_norm2), self.radius, resid, losses_dev,
+                            energy_dev)
+        if weights_fn is None:
+            weights = buffers.ones[:b]
+        else:
+            losses = be.to_host(losses_dev).astype(np.float64)
+            w = weights_fn(particle_scores(losses, prep.data_norm2, be.to_host(energy_dev)))
+            weights = be.copy_into(buffers.weights[:b], np.asarray(w, np.float32))
+        be.weighted_backproject(resid, rot, weights, self.radius, grad_dev)
+        return prep.noise_var, prep.data_norm2
 
     def _global_weights(self, global_batch: np.ndarray, local: np.ndarray, local_scores: np.ndarray,
                         half: int, epoch: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -438,28 +563,36 @@ class Reconstruction:
 
     def _evaluate_losses(self, index: np.ndarray, volume_dev: Any) -> tuple[float, int]:
         """Sum of normalised losses ``l_i / (N^2 sigma_i^2)`` over the particles ``index`` (all ranks)."""
-        local = shard(index, self.comm.rank, self.comm.size)
+        from numba_recon.batch import batch_chunks
+
+        batches = batch_chunks(shard(index, self.comm.rank, self.comm.size), self.config.batch_size)
         n = self.box
         total = 0.0
-        for start in range(0, local.size, self.config.batch_size):
-            prep, _, _, losses, _ = self._forward(local[start:start + self.config.batch_size], volume_dev)
-            total += float(np.sum(losses / (n * n * prep.noise_var.astype(np.float64))))
+        with self.loader.schedule(batches):  # the next batches are prepared while one computes
+            for part in batches:
+                prep, _, _, losses, _ = self._forward(part, volume_dev)
+                total += float(np.sum(losses / (n * n * prep.noise_var.astype(np.float64))))
         return self.comm.allreduce_scalar(total), int(index.size)
 
     def _symmetrize(self, grads: np.ndarray) -> None:
         """Constrain each half map to the point group on its own (the halves stay independent).
 
-        The gradient is averaged over the group: the projected gradient of the objective restricted
-        to symmetric maps (``docs/symmetry.md``). Before the first step of a new run the starting
-        maps are averaged as well; otherwise their asymmetric part would never leave.
+        The host gradients ``grads (2, N, N, N)`` are averaged over the group in place: the
+        projected gradient of the objective restricted to symmetric maps (``docs/symmetry.md``).
+        Before the first step of a new run the starting maps (on the backend, in
+        :attr:`_device_step`) are averaged as well; otherwise their asymmetric part would never leave.
         """
         if len(self.sym_ops) > 1:
             from numba_recon.symmetry import symmetrize_volume
 
             st = self.state
             if st is not None and st.step == 0:
+                be = self.backend
+                volumes = np.asarray(be.to_host(self._device_step.params), dtype=np.float32)  # a copy
                 for h in (0, 1):
-                    st.volumes[h] = symmetrize_volume(st.volumes[h], self.sym_ops)
+                    volumes[h] = symmetrize_volume(volumes[h], self.sym_ops)
+                be.copy_into(self._device_step.params, volumes)
+                st.volumes = volumes
             for h in (0, 1):
                 grads[h] = symmetrize_volume(grads[h], self.sym_ops)
 
@@ -531,6 +664,18 @@ class Reconstruction:
         return 0.05 + 0.95 * 0.5 * (1.0 + np.cos(np.pi * min(max(t, 0.0), 1.0)))
 
     def _run_epoch(self, st: RunState, epoch: int) -> EpochStats:
+        """One epoch of minibatch Adam on both half maps.
+
+        Every step runs on the backend's arrays in :attr:`_device_step`: gradients zeroed by a
+        kernel, forward and adjoint per half, one ``Allreduce`` of both gradients, then the scaling,
+        the ridge prior and the Adam update in one backend call. The maps, gradients and losses
+        stay there; the host sees the maps once, at the end of the epoch (FSC, divergence check,
+        outputs), the Adam moments only when a checkpoint is due, and the per-particle losses once
+        (scores and the training loss). Symmetry and ``--precondition`` work on the host: with
+        either, each step copies the gradients to the host and back.
+        """
+        from numba_recon.batch import batch_chunks
+
         cfg = self.config
         be = self.backend
         n = self.box
@@ -539,67 +684,98 @@ class Reconstruction:
         batches = [epoch_batches(train[h], cfg.batch_size, cfg.seed, epoch, h + 1) for h in (0, 1)]
         n_steps = max(len(batches[0]), len(batches[1]))
         scores_epoch = np.full(len(self.particles), np.nan)
-        loss_sum = 0.0
         kept = []
         self._population: dict[int, tuple[float, float]] = {}
-        if self.schedule.active(epoch):
+        robust = self.schedule.active(epoch)
+        if robust:
             for h in (0, 1):
                 prev = st.scores_prev[train[h]]
                 prev = prev[np.isfinite(prev)]
                 if prev.size:
                     self._population[h] = good_population(prev)
+        dev = self._device_step
+        host_step = self._adam_preconditioner is not None or len(self.sym_ops) > 1
+        # (particles, offset into dev.losses, noise variances, image norms) of each shard, in order
+        shards: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]] = []
+        offset = 0
         bar = self._progress_bar(n_steps, epoch)
         processed = 0
         last_note = t0
-        for k in range(n_steps):
-            grads = be.zeros(st.volumes.shape)
-            weight_sums = np.zeros(2)
-            for h in (0, 1):
-                if k >= len(batches[h]):
-                    continue
-                gb = batches[h][k]
-                local = shard(gb, self.comm.rank, self.comm.size)
-                holder: dict[str, Any] = {}
-
-                def weights_fn(local_scores, gb=gb, local=local, h=h, holder=holder):
-                    w_local, w_global, q = self._global_weights(gb, local, local_scores, h, epoch)
-                    holder["w_global"] = w_global
-                    holder["q"] = q
-                    return w_local
-
-                _, scores, normalised = self._loss_and_gradient(local, self._volume_dev[h], grads[h], weights_fn)
-                scores_epoch[local] = scores
-                loss_sum += float(np.sum(normalised))
-                weight_sums[h] = float(np.sum(holder["w_global"]))
-                kept.append(holder["q"])
-                processed += gb.size
-            # reduce: both half maps' gradients in one Allreduce
-            self.comm.allreduce_sum_(grads)
-            g = np.array(be.to_host(grads), dtype=np.float32)
-            for h in (0, 1):
-                if weight_sums[h] > 0:
-                    n_h = float(train[h].size)
-                    g[h] *= np.float32(n_h / weight_sums[h])
-                    # gradient of the regulariser n_h lambda^2 ||x||^2
-                    g[h] += np.float32(2.0 * n_h * cfg.reg_lambda**2) * st.volumes[h]
-                else:
-                    g[h] = 0.0
-            if self._adam_preconditioner is not None:
+        # the shards this rank prepares, in the order the steps ask for them, then the held-out
+        # particles of half 1 (the held-out loss reads them next): prepared while the steps compute
+        rank, size = self.comm.rank, self.comm.size
+        order = [part for k in range(n_steps) for h in (0, 1) if k < len(batches[h])
+                 and (part := shard(batches[h][k], rank, size)).size]
+        held_out = batch_chunks(shard(np.flatnonzero((st.halves == 1) & st.cv), rank, size), cfg.batch_size)
+        with self.loader.schedule(order + held_out):
+            for k in range(n_steps):
+                be.fill(dev.grad, 0.0)
+                weight_sums = np.zeros(2)
                 for h in (0, 1):
-                    g[h] = self._adam_preconditioner(g[h], h)
-            self._symmetrize(g)
-            adam_step(st.volumes, g, st.adam, st.lr_abs * self._lr_factor(epoch, k, n_steps))
-            st.step += 1
-            self._volume_dev = [be.to_device(st.volumes[0]), be.to_device(st.volumes[1])]
-            if bar is not None:
-                bar.update(1)
-            elif self.progress and self.comm.is_root and time.perf_counter() - last_note > 30.0:
-                # no terminal (batch jobs): a plain line every 30 s instead of a bar
-                last_note = time.perf_counter()
-                rate = processed / max(last_note - t0, 1e-9)
-                log.info("epoch %d: step %d/%d, %.0f images/s", epoch + 1, k + 1, n_steps, rate)
+                    if k >= len(batches[h]):
+                        continue
+                    gb = batches[h][k]
+                    local = shard(gb, rank, size)
+                    holder: dict[str, Any] = {"w_global": np.ones(gb.size), "q": 1.0}  # plain L2: unit weights
+
+                    def weights_fn(local_scores, gb=gb, local=local, h=h, holder=holder):
+                        w_local, w_global, q = self._global_weights(gb, local, local_scores, h, epoch)
+                        holder["w_global"] = w_global
+                        holder["q"] = q
+                        return w_local
+
+                    noise_var, norm2 = self._loss_and_gradient(local, self._volume_dev[h], dev.grad[h],
+                                                               weights_fn if robust else None, dev, offset)
+                    if local.size:
+                        shards.append((local, offset, noise_var, norm2))
+                        offset += local.size
+                    weight_sums[h] = float(np.sum(holder["w_global"]))
+                    kept.append(holder["q"])
+                    processed += gb.size
+                # reduce: both half maps' gradients in one Allreduce (on the device when MPI is CUDA-aware)
+                self.comm.allreduce_sum_(dev.grad)
+                # the gradient scale n_h / sum w and the regulariser n_h lambda^2 ||x||^2's 2 n_h lambda^2;
+                # a half without particles in this step (scale 0) gets a zero gradient
+                scale = np.zeros(2, np.float32)
+                ridge = np.zeros(2, np.float32)
+                for h in (0, 1):
+                    if weight_sums[h] > 0:
+                        n_h = float(train[h].size)
+                        scale[h] = np.float32(n_h / weight_sums[h])
+                        ridge[h] = np.float32(2.0 * n_h * cfg.reg_lambda**2)
+                lr = st.lr_abs * self._lr_factor(epoch, k, n_steps)
+                st.adam.t += 1
+                if host_step:  # symmetry or the Fourier preconditioner: the gradient visits the host
+                    be.scale_gradient(dev.grad, dev.params, scale, ridge)
+                    g = np.asarray(be.to_host(dev.grad), dtype=np.float32)  # to_host copies
+                    if self._adam_preconditioner is not None:
+                        for h in (0, 1):
+                            g[h] = self._adam_preconditioner(g[h], h)
+                    self._symmetrize(g)
+                    be.copy_into(dev.grad, g)
+                    scale = ridge = None  # applied already
+                be.adam_update(dev.params, dev.grad, dev.m, dev.v, lr, ADAM_BETA1, ADAM_BETA2, ADAM_EPS, st.adam.t,
+                               scale, ridge)
+                st.step += 1
+                if bar is not None:
+                    bar.update(1)
+                elif self.progress and self.comm.is_root and time.perf_counter() - last_note > 30.0:
+                    # no terminal (batch jobs): a plain line every 30 s instead of a bar
+                    last_note = time.perf_counter()
+                    rate = processed / max(last_note - t0, 1e-9)
+                    log.info("epoch %d: step %d/%d, %.0f images/s", epoch + 1, k + 1, n_steps, rate)
         if bar is not None:
             bar.close()
+        # the epoch's losses and energies: one copy each; scores and the training loss per shard, in order
+        loss_sum = 0.0
+        if offset:
+            losses_all = np.asarray(be.to_host(dev.losses[:offset]), dtype=np.float64)
+            energy_all = np.asarray(be.to_host(dev.energy[:offset]))
+            for local, start, noise_var, norm2 in shards:
+                losses = losses_all[start:start + local.size]
+                scores_epoch[local] = particle_scores(losses, norm2, energy_all[start:start + local.size])
+                loss_sum += float(np.sum(losses / (n * n * noise_var.astype(np.float64))))
+        self._adam_to_host(st, moments=self._checkpoint_due(epoch + 1))
         # scores from all ranks (each rank filled its own shard)
         if self.comm.size > 1:
             parts = self.comm.allgather(scores_epoch)
@@ -627,6 +803,28 @@ class Reconstruction:
                           resolution_angstrom=res, resolution_05_angstrom=res05,
                           kept_fraction=float(np.mean(kept)) if kept else 1.0, seconds=seconds,
                           images_per_second=n_train / seconds if seconds > 0 else float("nan"))
+
+    def _allocate_device_step(self, st: RunState) -> DeviceStep:
+        """The backend arrays of an adam run (once per run), holding ``st``'s maps and moments."""
+        train = [np.flatnonzero((st.halves == h + 1) & ~st.cv) for h in (0, 1)]
+        # a rank's shard of a global minibatch is batch[rank::size]
+        width = -(-min(self.config.batch_size, max(t.size for t in train)) // self.comm.size)
+        return DeviceStep.allocate(self.backend, st, self.box, width, sum(t.size for t in train))
+
+    def _checkpoint_due(self, epoch: int) -> bool:
+        """Whether this rank writes a checkpoint after ``epoch`` (1-based) of an adam run."""
+        cfg = self.config
+        return self.comm.is_root and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs)
+
+    def _adam_to_host(self, st: RunState, moments: bool) -> None:
+        """Copy the maps (and with ``moments`` the Adam moments) from the backend into ``st``."""
+        be = self.backend
+        dev = self._device_step
+        # to_host returns a new array on every backend: nothing here aliases the backend's buffers
+        st.volumes = np.asarray(be.to_host(dev.params), dtype=np.float32)
+        if moments:
+            st.adam.m = np.asarray(be.to_host(dev.m), dtype=np.float32)
+            st.adam.v = np.asarray(be.to_host(dev.v), dtype=np.float32)
 
     def _progress_bar(self, total: int, epoch: int):
         if not (self.progress and self.comm.is_root):
@@ -658,7 +856,9 @@ class Reconstruction:
         be = self.backend
         self._start_loss = self._held_out_loss(st) if st.epoch == 0 else float("nan")
         self._adam_preconditioner = self._build_adam_preconditioner(st) if cfg.precondition else None
-        self._volume_dev = [be.to_device(st.volumes[0]), be.to_device(st.volumes[1])]
+        # the maps, gradients and moments live on the backend until the run ends (see _run_epoch)
+        self._device_step = self._allocate_device_step(st)
+        self._volume_dev = [self._device_step.params[0], self._device_step.params[1]]
         log.info("%d particles (half 1: %d, half 2: %d; %d held out), box %d, %.3f A/px, backend %s, %d rank(s)",
                  len(self.particles), int(np.sum(st.halves == 1)), int(np.sum(st.halves == 2)), int(st.cv.sum()),
                  self.box, self.angpix, be.name, self.comm.size)
@@ -670,9 +870,10 @@ class Reconstruction:
             row = stats.__dict__.copy()
             st.history.append(row)
             if self.comm.is_root:
-                log.info("epoch %d/%d  train %.5f  cv %.5f  resolution %.2f A (FSC 0.5: %.2f A)  kept %.2f  %.1f s",
-                         stats.epoch, cfg.epochs, stats.train_loss, stats.cv_loss, stats.resolution_angstrom,
-                         stats.resolution_05_angstrom, stats.kept_fraction, stats.seconds)
+                log.info("epoch %d/%d  train %.5f  cv %.5f  resolution %.2f A (FSC 0.5: %.2f A)  kept %.2f  %.1f s"
+                         "  ETA %s", stats.epoch, cfg.epochs, stats.train_loss, stats.cv_loss,
+                         stats.resolution_angstrom, stats.resolution_05_angstrom, stats.kept_fraction, stats.seconds,
+                         _eta(st.history, cfg.epochs))
                 self._write_history(st.history)
                 if st.epoch % cfg.checkpoint_every == 0 or st.epoch == cfg.epochs:
                     self._checkpoint(st)
@@ -742,6 +943,7 @@ class Reconstruction:
         """The first pass: the back-projected data ``b_h = sum w_i/sigma_i^2 P^T H_i T^-1 b_i`` and the
         gridded sampling density ``K_h`` of both halves, summed over ranks in ONE reduction.
         Returns ``b (2, N, N, N)`` float64 and ``K (2, N, N, N)`` (full DFT grid) float64."""
+        from numba_recon.batch import batch_chunks
         from numba_recon.objective import splat_transfer2
 
         be = self.backend
@@ -749,18 +951,23 @@ class Reconstruction:
         sums = PassSums(be, 4, n)
         t2 = splat_transfer2(n).astype(np.float32)
         bs = self.config.batch_size
-        for h, train in enumerate(self._train_index(st)):
-            local = shard(train, self.comm.rank, self.comm.size)
-            for start in range(0, local.size, bs):
-                prep = self.loader.prepare(local[start:start + bs])
-                w = (1.0 / prep.noise_var.astype(np.float64))
-                rot = be.to_device(prep.rotations)
-                be.weighted_backproject(be.to_device(prep.data), rot, be.to_device((0.5 * w).astype(np.float32)),
-                                        self.radius, sums.target(h))
-                sums.commit()
-                be.insert_weights(rot, be.to_device(prep.filters2 * t2[None] * w.astype(np.float32)[:, None, None]),
-                                  sums.target(2 + h))
-                sums.commit()
+        rank, size = self.comm.rank, self.comm.size
+        batches = [batch_chunks(shard(train, rank, size), bs) for train in self._train_index(st)]
+        # the blank map's held-out loss (_blank_cv_loss) reads the held-out rows next: announced too,
+        # so the background reader prepares them while this pass ends
+        held_out = batch_chunks(shard(np.flatnonzero(st.cv), rank, size), bs)
+        with self.loader.schedule(batches[0] + batches[1] + held_out):
+            for h in (0, 1):
+                for part in batches[h]:
+                    prep = self.loader.prepare(part)
+                    w = (1.0 / prep.noise_var.astype(np.float64))
+                    rot = be.to_device(prep.rotations)
+                    be.weighted_backproject(be.to_device(prep.data), rot,
+                                            be.to_device((0.5 * w).astype(np.float32)), self.radius, sums.target(h))
+                    sums.commit()
+                    be.insert_weights(rot, be.to_device(prep.filters2 * t2[None]
+                                                        * w.astype(np.float32)[:, None, None]), sums.target(2 + h))
+                    sums.commit()
         host = sums.reduce(self.comm)
         if not (np.isfinite(host).all() and np.abs(host[2:]).max() > 0):
             raise InputFileError("the particle images do not give a usable reconstruction (the back-projected "
@@ -779,6 +986,7 @@ class Reconstruction:
         ``(2, N, N, N)``, the kernel (full grid) or None, all particles' scores, the mean
         noise-normalised training loss and the kept fraction.
         """
+        from numba_recon.batch import batch_chunks
         from numba_recon.objective import splat_transfer2
 
         be = self.backend
@@ -787,28 +995,32 @@ class Reconstruction:
         t2 = splat_transfer2(n).astype(np.float32) if with_kernel else None
         bs = self.config.batch_size
         train = self._train_index(st)
+        rank, size = self.comm.rank, self.comm.size
+        batches = [batch_chunks(shard(train[h], rank, size), bs) for h in (0, 1)]
+        # the held-out loss at the new maps (_cv_loss) comes next: its batches are announced too
+        held_out = [batch_chunks(shard(np.flatnonzero((st.halves == h + 1) & st.cv), rank, size), bs)
+                    for h in (0, 1)]
         local_scores = []
         loss_sum = 0.0
         kept = 0.0
-        for h in (0, 1):
-            reference = pass_reference(st.scores_prev[train[h]], self.schedule, epoch)
-            volume_dev = be.to_device(trial[h])
-            local = shard(train[h], self.comm.rank, self.comm.size)
-            for start in range(0, local.size, bs):
-                part = local[start:start + bs]
-                prep, rot, resid, losses, scores = self._forward(part, volume_dev)
-                robust = pass_weights(scores, self.schedule, reference)
-                w = robust / prep.noise_var.astype(np.float64)
-                be.weighted_backproject(resid, rot, be.to_device((-0.5 * w).astype(np.float32)), self.radius,
-                                        sums.target(h))
-                sums.commit()
-                if with_kernel:
-                    be.insert_weights(rot, be.to_device(prep.filters2 * t2[None] * w.astype(np.float32)[:, None, None]),
-                                      sums.target(2 + h))
+        with self.loader.schedule(batches[0] + batches[1] + held_out[0] + held_out[1]):
+            for h in (0, 1):
+                reference = pass_reference(st.scores_prev[train[h]], self.schedule, epoch)
+                volume_dev = be.to_device(trial[h])
+                for part in batches[h]:
+                    prep, rot, resid, losses, scores = self._forward(part, volume_dev)
+                    robust = pass_weights(scores, self.schedule, reference)
+                    w = robust / prep.noise_var.astype(np.float64)
+                    be.weighted_backproject(resid, rot, be.to_device((-0.5 * w).astype(np.float32)), self.radius,
+                                            sums.target(h))
                     sums.commit()
-                local_scores.append(scores)
-                loss_sum += float(np.sum(losses / (n * n * prep.noise_var.astype(np.float64))))
-                kept += float(np.sum(robust > 0.5))
+                    if with_kernel:
+                        be.insert_weights(rot, be.to_device(prep.filters2 * t2[None]
+                                                            * w.astype(np.float32)[:, None, None]), sums.target(2 + h))
+                        sums.commit()
+                    local_scores.append(scores)
+                    loss_sum += float(np.sum(losses / (n * n * prep.noise_var.astype(np.float64))))
+                    kept += float(np.sum(robust > 0.5))
         host = sums.reduce(self.comm)
         # every rank's scores, placed by the shards each rank took (a rank sends only its own)
         scores_all = np.full(len(self.particles), np.nan)
@@ -840,18 +1052,27 @@ class Reconstruction:
         particles, weighted by the robust loss of pass ``epoch`` (the training particles' rule, against
         the population of the training scores of that pass, the newest there are), so junk among them
         does not decide the stopping."""
+        from numba_recon.batch import batch_chunks
+
         n = self.box
         train = self._train_index(st)
+        bs = self.config.batch_size
+        rank, size = self.comm.rank, self.comm.size
+        batches = [batch_chunks(shard(np.flatnonzero((st.halves == h + 1) & st.cv), rank, size), bs) for h in (0, 1)]
+        # a further pass (_data_pass) reads the training rows in the same batches: announced too, so
+        # their preparation overlaps the CG step between the passes (wasted if the run stops here)
+        following = ([b for t in train for b in batch_chunks(shard(t, rank, size), bs)]
+                     if epoch + 1 < self.config.epochs else [])
         total, weight = 0.0, 0.0
-        for h in (0, 1):
-            reference = pass_reference(st.scores_prev[train[h]], self.schedule, epoch)
-            idx = shard(np.flatnonzero((st.halves == h + 1) & st.cv), self.comm.rank, self.comm.size)
-            volume_dev = self.backend.to_device(volumes[h].astype(np.float32))
-            for start in range(0, idx.size, self.config.batch_size):
-                prep, _, _, losses, scores = self._forward(idx[start:start + self.config.batch_size], volume_dev)
-                w = pass_weights(scores, self.schedule, reference)
-                total += float(np.sum(w * losses / (n * n * prep.noise_var.astype(np.float64))))
-                weight += float(np.sum(w))
+        with self.loader.schedule(batches[0] + batches[1] + following):
+            for h in (0, 1):
+                reference = pass_reference(st.scores_prev[train[h]], self.schedule, epoch)
+                volume_dev = self.backend.to_device(volumes[h].astype(np.float32))
+                for part in batches[h]:
+                    prep, _, _, losses, scores = self._forward(part, volume_dev)
+                    w = pass_weights(scores, self.schedule, reference)
+                    total += float(np.sum(w * losses / (n * n * prep.noise_var.astype(np.float64))))
+                    weight += float(np.sum(w))
         total = self.comm.allreduce_scalar(total)
         weight = self.comm.allreduce_scalar(weight)
         return total / weight if weight > 0 else float("nan")
@@ -859,12 +1080,21 @@ class Reconstruction:
     def _blank_cv_loss(self, st: RunState) -> float:
         """The held-out loss of a blank map (``||T^-1 b||^2 / (N^2 sigma^2)``), the scale of the
         improvements the stopping rule compares."""
+        from numba_recon.batch import batch_chunks
+
         n = self.box
-        idx = shard(np.flatnonzero(st.cv), self.comm.rank, self.comm.size)
+        bs = self.config.batch_size
+        rank, size = self.comm.rank, self.comm.size
+        batches = batch_chunks(shard(np.flatnonzero(st.cv), rank, size), bs)
+        # the first pass's held-out loss (_cv_loss) reads the held-out rows of each half next
+        following = [b for h in (0, 1)
+                     for b in batch_chunks(shard(np.flatnonzero((st.halves == h + 1) & st.cv), rank, size), bs)]
         total = 0.0
-        for start in range(0, idx.size, self.config.batch_size):
-            prep = self.loader.prepare(idx[start:start + self.config.batch_size])
-            total += float(np.sum(prep.data_norm2.astype(np.float64) / (n * n * prep.noise_var.astype(np.float64))))
+        with self.loader.schedule(batches + following):
+            for part in batches:
+                prep = self.loader.prepare(part)
+                total += float(np.sum(prep.data_norm2.astype(np.float64)
+                                      / (n * n * prep.noise_var.astype(np.float64))))
         count = int(np.sum(st.cv))
         return self.comm.allreduce_scalar(total) / count if count else float("nan")
 
@@ -1014,9 +1244,10 @@ class Reconstruction:
             row["step_length"] = float(np.nanmean(alphas)) if st.epoch > 1 else float("nan")
             st.history.append(row)
             if self.comm.is_root:
-                log.info("pass %d/%d  train %.6f  cv %.6f  resolution %.2f A (FSC 0.5: %.2f A)  kept %.2f  %.1f s%s",
-                         st.epoch, cfg.epochs, train_loss, cv_loss, res, res05, kept_fraction, seconds,
-                         "  (direct reconstruction)" if st.epoch == 1 else f"  step {row['step_length']:.2f}")
+                log.info("pass %d/%d  train %.6f  cv %.6f  resolution %.2f A (FSC 0.5: %.2f A)  kept %.2f  %.1f s%s"
+                         "  ETA %s", st.epoch, cfg.epochs, train_loss, cv_loss, res, res05, kept_fraction, seconds,
+                         "  (direct reconstruction)" if st.epoch == 1 else f"  step {row['step_length']:.2f}",
+                         "done" if st.solver["stopped"] else "at most " + _eta(st.history, cfg.epochs))
                 self._write_history(st.history)
                 if st.epoch % cfg.checkpoint_every == 0 or st.epoch == cfg.epochs or st.solver["stopped"]:
                     self._checkpoint(st)
@@ -1116,14 +1347,19 @@ class Reconstruction:
         # EpochStats' order first (rows restored from a checkpoint come back with sorted keys)
         fixed = list(EpochStats.__dataclass_fields__)
         keys = fixed + sorted(k for k in history[0] if k not in fixed)
-        lines = [",".join(keys)] + [",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])
-                                             for k in keys) for row in history]
+        from numba_recon.provenance import comment_lines
+
+        # "#" lines first: the version and the command (readers skip them, e.g. read_csv(comment="#"))
+        lines = comment_lines() + [",".join(keys)] + [
+            ",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k]) for k in keys) for row in history]
         atomic_write_text(self.out / "history.csv", "\n".join(lines) + "\n")
 
     def _write_split(self, st: RunState) -> None:
         """Write the half split and hold-out back out, so a seeded random split is on record."""
-        lines = ["particle,half_set,cross_validation"] + [f"{i},{h},{int(c)}" for i, (h, c) in
-                                                          enumerate(zip(st.halves, st.cv))]
+        from numba_recon.provenance import comment_lines
+
+        lines = comment_lines() + ["particle,half_set,cross_validation"] + [
+            f"{i},{h},{int(c)}" for i, (h, c) in enumerate(zip(st.halves, st.cv))]
         atomic_write_text(self.out / "half_sets.csv", "\n".join(lines) + "\n")
 
     # ------------------------------------------------------------------ outputs

@@ -43,6 +43,8 @@ MANIFEST_NAME = ".numba_recon_manifest.json"
 FORMAT = "numba-recon output manifest"
 VERSION = 1
 #: Empty marker files a run writes in its folder (RELION's job markers).
+#: Append-only records of a folder (numba_recon.journal): never removed, never counted as foreign.
+JOURNALS = ("note.txt", "run.log")
 MARKERS = ("NUMBA_RECON_JOB_EXIT_SUCCESS", "NUMBA_RECON_JOB_EXIT_FAILURE")
 #: Longest list of file names a warning spells out.
 _NAMES_SHOWN = 12
@@ -332,7 +334,7 @@ class Manifest:
     def foreign(self, folders: Sequence[str], extra_ignored: Iterable[str] = ()) -> list[str]:
         """Files (and links, and sub-folders as ``name/``) in the folder's top level and in
         ``folders`` (recursively) that are not listed as ours."""
-        ignored = {self.store_name, f"{self.store_name}.tmp", *extra_ignored} - {None}
+        ignored = {self.store_name, f"{self.store_name}.tmp", *JOURNALS, *extra_ignored} - {None}
         found: list[str] = []
         root = Path(self.root)
         try:
@@ -554,6 +556,9 @@ def start(root: str | os.PathLike, command: str, *, overwrite: bool = False, res
         manifest.begin_recording("resume")
         manifest.save()
         return _activate_for_command(manifest)
+    if overwrite:
+        refuse_foreign_outputs(old if old is not None else Manifest(root, command), folders, outputs,
+                               extra_ignored=markers)
     if overwrite and old is not None:
         removed, changed = old.remove_own(protect)
         if removed:
@@ -570,6 +575,28 @@ def start(root: str | os.PathLike, command: str, *, overwrite: bool = False, res
     warn_foreign(manifest, folders, outputs)
     manifest.save()
     return _activate_for_command(manifest)
+
+
+def refuse_foreign_outputs(manifest: Manifest, folders: Sequence[str], outputs: Sequence[str],
+                           extra_ignored: Iterable[str] = ()) -> None:
+    """Refuse to start when files that ``manifest`` does not list as ours (a user's, one the user
+    changed since we wrote it, or one of a folder without a manifest) carry the names this command
+    writes: --overwrite replaces our own outputs only, never a file we cannot prove is ours.
+
+    Raises
+    ------
+    OutputError
+        Naming those files and what to do.
+    """
+    from numba_recon.errors import OutputError
+
+    clash = [f for f in manifest.foreign(folders, extra_ignored)
+             if any(fnmatch.fnmatchcase(f, pat) for pat in outputs)]
+    if clash:
+        raise OutputError(f"{len(clash)} file(s) here have the names of numba-recon {manifest.command}'s outputs but "
+                          f"were not written by it (or were changed since): {_names(clash)}", manifest.root,
+                          "move them elsewhere and rerun, or choose another output folder (--overwrite replaces "
+                          "only files numba-recon wrote)")
 
 
 def warn_foreign(manifest: Manifest, folders: Sequence[str], outputs: Sequence[str] = (),

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 
+from numba_recon.threads import fft_workers
+
 #: Raised-cosine edge of the support sphere, pixels (RELION's default ``--width_mask_edge``).
 SOFT_EDGE_PX = 5.0
 #: FSC values are clipped to this range before turning them into SSNRs (RELION clips at 0.001).
@@ -133,10 +135,10 @@ class Objective:
 
     # ------------------------------------------------------------------ Fourier helpers
     def _fft(self, v: np.ndarray) -> np.ndarray:
-        return scipy.fft.rfftn(v, norm="ortho", workers=-1)
+        return scipy.fft.rfftn(v, norm="ortho", workers=fft_workers())
 
     def _ifft(self, spectrum: np.ndarray) -> np.ndarray:
-        return scipy.fft.irfftn(spectrum, s=(self.box_size,) * 3, axes=(0, 1, 2), norm="ortho", workers=-1)
+        return scipy.fft.irfftn(spectrum, s=(self.box_size,) * 3, axes=(0, 1, 2), norm="ortho", workers=fft_workers())
 
     def _shells(self) -> np.ndarray:
         if getattr(self, "_shell_cache", None) is None:

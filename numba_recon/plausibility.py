@@ -385,6 +385,14 @@ def _warnings(particles: ParticleSet, cols: dict[str, _Column]) -> list[str]:
             if np.any(d.values > hi):
                 reasons.append(f"more than {_g(hi / 1e4)} um of defocus is beyond what is used for imaging")
             keep(_outside(d, lo, hi, n, "; ".join(reasons)))
+        elif np.mean(d.values == 0) > 0.5:
+            # in focus, a phase-contrast image has almost no low-resolution contrast: a zero column is a
+            # missing value far more often than a choice (a phase plate says so in rlnPhaseShift)
+            zero = int(np.sum(d.values == 0))
+            keep(f"{d.label}: {zero} of {n} particles have a defocus of exactly 0 A: images in focus carry almost "
+                 "no low-resolution contrast, and a CTF that does not match the images gives half maps that agree "
+                 "with each other but not with the particle; check that the column holds the CTF estimates "
+                 f"(plausible: a few thousand to {_g(hi)} A)")
         elif np.all((d.values > 0) & (d.values <= _DEFOCUS_MICROMETRE_LIMIT)):
             keep(f"{d.label}: all {n} particles have a defocus of {_found(d.values, 'A')}, which look like "
                  f"micrometres: defocus is in Angstrom (1.5 um is 15000 A; plausible: {_g(lo)} to {_g(hi)} A)")

@@ -4,10 +4,15 @@ Output names follow RELION so existing scripts and GUIs find them:
 
 - ``run_half1_class001_unfil.mrc``, ``run_half2_class001_unfil.mrc``: the half maps;
 - ``run_class001.mrc``: their average, FSC-weighted and low-pass filtered at the resolution;
-- ``run_model.star``: ``data_model_general`` and ``data_model_class_1`` with the gold-standard FSC;
-- ``run_data.star``: every input column plus per-particle scores (see ``docs/robustness.md``);
+- ``run_model.star``: RELION's ``data_model_general``, ``data_model_classes`` and ``data_model_class_1``
+  (gold-standard FSC, SSNR, learned prior; :mod:`numba_recon.io.relion_model`);
+- ``run_data.star``: every input column, RELION labels only, image names as in the input;
+- ``run_data_scores.csv``: the per-particle scores, weights and flags (see ``docs/robustness.md``);
 - ``history.csv``, ``fsc.csv``, ``summary.json``, ``command.txt``;
-- ``plots/``: ``fsc.png``, ``loss.png``, ``slices.png``, ``projections.png``, ``scores.png``;
+- ``fsc_truth.csv``: with a known true map (simulated data), the FSC of the map against it;
+- ``plots/``: ``fsc.png``, ``loss.png``, ``slices.png``, ``projections.png``, ``directions.png``,
+  ``scores.png`` (drawn by :mod:`numba_recon.plots`);
+- ``run.cxc``: a ChimeraX script showing the map at a suggested contour level (:mod:`numba_recon.chimerax`);
 - ``postprocess/`` (with ``--mask``): the outputs of ``numba-recon postprocess`` on the half maps;
 - ``report.html``: one self-contained page with all of it (images embedded, no external links).
 
@@ -43,17 +48,7 @@ log = logging.getLogger(__name__)
 PLOTS = "plots"
 POSTPROCESS_DIR = "postprocess"
 # the plots of a run folder, in the order the report shows them
-PLOT_FILES = ("fsc.png", "loss.png", "slices.png", "projections.png", "scores.png")
-
-
-def _figure(width_in: float, height_in: float):
-    # an explicit Agg canvas: works without a display and leaves pyplot's backend alone
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width_in, height_in), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+PLOT_FILES = ("fsc.png", "loss.png", "slices.png", "projections.png", "directions.png", "scores.png")
 
 
 def _savefig(fig, path: Path) -> None:
@@ -88,142 +83,48 @@ def filtered_average(half1: np.ndarray, half2: np.ndarray, fsc_curve: np.ndarray
     return lowpass(weighted, resolution_angstrom, pixel_size_angstrom).astype(np.float32)
 
 
-def write_model_star(path: Path, fsc_curve: np.ndarray, box: int, angpix: float, resolution: float) -> None:
-    """``run_model.star`` with RELION's ``data_model_general`` and ``data_model_class_1`` labels."""
-    import pandas as pd
-    import starfile
+def write_model_star(path: Path, fsc_curve: np.ndarray, box: int, angpix: float, resolution: float, *,
+                     reference_image: str = "run_class001.mrc", spectra: dict[str, np.ndarray] | None = None) -> None:
+    """``run_model.star`` in RELION's shape (:func:`numba_recon.io.relion_model.write_model_star`):
+    ``data_model_general``, ``data_model_classes`` and ``data_model_class_1``; ``spectra`` adds the
+    learned prior and the Fourier completeness (:func:`numba_recon.io.relion_model.solver_spectra`)."""
+    from numba_recon.io.relion_model import write_model_star as write_relion_model
 
-    shells = np.arange(fsc_curve.size)
-    inv = shells / (box * angpix)
-    with np.errstate(divide="ignore"):
-        ang = np.where(shells > 0, box * angpix / np.maximum(shells, 1), 999.0)
-    general = pd.DataFrame({"rlnCurrentResolution": [resolution], "rlnPixelSize": [angpix],
-                            "rlnOriginalImageSize": [box], "rlnNrClasses": [1]})
-    fsc_c = np.clip(fsc_curve, -1, 0.999999)
-    ssnr = np.maximum(fsc_c, 0) / (1 - np.maximum(fsc_c, 0))
-    table = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": inv, "rlnAngstromResolution": ang,
-                          "rlnSsnrMap": ssnr, "rlnGoldStandardFsc": fsc_curve})
-    from numba_recon import manifest
-    from numba_recon.checkpoint import write_error
+    spectra = spectra or {}
+    write_relion_model(path, fsc_curve, box, angpix, resolution, reference_image=reference_image,
+                       tau2=spectra.get("tau2"), fourier_completeness=spectra.get("fourier_completeness"))
 
-    tmp = path.with_name(path.name + ".tmp")
-    manifest.note_temporary(tmp)  # the output manifest lists what a run writes
-    token = None
-    try:
-        starfile.write({"model_general": general, "model_class_1": table}, tmp, overwrite=True)
-        token = manifest.record_write(path, source=tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        manifest.undo(token)
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, err) from None
-    finally:
-        manifest.discard_temporary(tmp)
 
+# The figures themselves live in numba_recon.plots (one font and legend style for all of them);
+# these names stay for code that draws a single figure of a run.
 
 def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     """Training and cross-validation loss, and the half-map resolution, against the epoch."""
-    epochs = [int(r["epoch"]) for r in history]
-    fig = _figure(10, 3.6)
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(epochs, [float(r["train_loss"]) for r in history], "o-", label="training")
-    cv = [float(r["cv_loss"]) for r in history]
-    if np.isfinite(cv).any():
-        ax1.plot(epochs, cv, "s--", label="cross-validation (held out)")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss per pixel (noise variance units)")
-    ax1.set_title("Loss", fontsize=10)
-    ax1.legend(fontsize=8, frameon=False)
-    ax1.grid(alpha=0.3)
-    res = [float(r["resolution_angstrom"]) for r in history]
-    ax2.plot(epochs, res, "o-", color="C2", label="FSC 0.143")
-    ax2.plot(epochs, [float(r["resolution_05_angstrom"]) for r in history], "s--", color="C3", label="FSC 0.5")
-    ax2.annotate(f"{res[-1]:.2f} \u00c5", xy=(epochs[-1], res[-1]), xytext=(-6, -6), textcoords="offset points",
-                 ha="right", va="top", color="C2", fontsize=9)
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("half-map resolution (\u00c5, better is lower)")
-    ax2.set_title("Resolution", fontsize=10)
-    ax2.invert_yaxis()
-    ax2.legend(fontsize=8, frameon=False)
-    ax2.grid(alpha=0.3)
-    for ax in (ax1, ax2):
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    _savefig(fig, path)
+    from numba_recon import plots as figures
+
+    figures.plot_loss(history, path)
 
 
-def _views(volume: np.ndarray, kind: str) -> list[tuple[str, np.ndarray]]:
-    c = volume.shape[0] // 2
-    if kind == "slices":
-        return [("XY plane (z = centre)", volume[c]), ("XZ plane (y = centre)", volume[:, c, :]),
-                ("YZ plane (x = centre)", volume[:, :, c])]
-    return [("front: sum along Z", volume.sum(axis=0)), ("side: sum along Y", volume.sum(axis=1)),
-            ("side: sum along X", volume.sum(axis=2))]
+def plot_slices(volume: np.ndarray, path: Path, angpix: float, title: str = "Slices of the map") -> None:
+    """XY, XZ and YZ slices of a ``(N, N, N)`` map through the box centre and the centre of mass,
+    axes in Angstrom from the box centre (:func:`numba_recon.plots.plot_map_slices`)."""
+    from numba_recon import plots as figures
 
-
-def _axis_labels(name: str) -> tuple[str, str]:
-    # (horizontal, vertical) axis of each view: arrays are indexed [z, y, x]
-    if name.startswith("XY") or "along Z" in name:
-        return "X (\u00c5)", "Y (\u00c5)"
-    if name.startswith("XZ") or "along Y" in name:
-        return "X (\u00c5)", "Z (\u00c5)"
-    return "Y (\u00c5)", "Z (\u00c5)"
-
-
-def _plot_views(volume: np.ndarray, path: Path, angpix: float, kind: str, title: str) -> None:
-    fig = _figure(11, 3.9)
-    axes = fig.subplots(1, 3)
-    n = volume.shape[0]
-    half = n * angpix / 2
-    extent = [-half, half, -half, half]
-    views = _views(np.asarray(volume, dtype=np.float64), kind)
-    if kind == "slices":
-        lo, hi = np.percentile(volume, [1, 99.9])
-    im = None
-    for ax, (name, img) in zip(axes, views):
-        if kind == "slices":
-            im = ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent)
-        else:
-            ax.imshow(img, cmap="gray", origin="lower", extent=extent)
-        ax.set_title(name, fontsize=10)
-        xlabel, ylabel = _axis_labels(name)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-    if im is not None:
-        fig.colorbar(im, ax=list(axes), shrink=0.8, label="density (map units)")
-    fig.suptitle(title)
-    _savefig(fig, path)
-
-
-def plot_slices(volume: np.ndarray, path: Path, angpix: float, title: str = "Central slices of the map") -> None:
-    """Central XY, XZ and YZ slices of a ``(N, N, N)`` map, axes in Angstrom from the box centre."""
-    _plot_views(volume, path, angpix, "slices", title)
+    figures.plot_map_slices(volume, angpix, path, title=title)
 
 
 def plot_projections(volume: np.ndarray, path: Path, angpix: float) -> None:
     """Front (sum along Z) and side (sum along Y, along X) projections of the map."""
-    _plot_views(volume, path, angpix, "projections", "Projections of the map")
+    from numba_recon import plots as figures
+
+    figures.plot_map_projections(volume, angpix, path)
 
 
 def plot_scores(scores: np.ndarray, kept: np.ndarray | None, path: Path, loss: str) -> None:
-    """Histogram of per-particle scores, kept and down-weighted particles stacked."""
-    s = np.asarray(scores, dtype=np.float64)
-    ok = np.isfinite(s)
-    fig = _figure(7, 3.8)
-    ax = fig.subplots()
-    if ok.any():
-        bins = np.histogram_bin_edges(s[ok], bins=60)
-        if kept is None:
-            ax.hist(s[ok], bins=bins, color="C0", alpha=0.85, label="particles")
-        else:
-            k = np.asarray(kept, dtype=bool)
-            ax.hist([s[ok & k], s[ok & ~k]], bins=bins, stacked=True, color=["C0", "C3"], alpha=0.85,
-                    label=[f"kept ({int(np.sum(ok & k))})", f"down-weighted or rejected ({int(np.sum(ok & ~k))})"])
-        ax.legend(fontsize=8, frameon=False)
-    ax.set_xlabel("score (loss - ||image||\u00b2) / ||model image||\u00b2; -1 = perfect fit, lower is better")
-    ax.set_ylabel("particles")
-    ax.set_title(f"Per-particle scores against the final half maps ({loss} loss)", fontsize=10)
-    ax.grid(alpha=0.3)
-    _savefig(fig, path)
+    """Histogram of per-particle scores; kept and down-weighted particles stacked when ``kept`` is given."""
+    from numba_recon import plots as figures
+
+    figures.plot_scores(scores, kept, path, loss)
 
 
 def final_weights(job: "Reconstruction", scores: np.ndarray, st: "RunState") -> tuple[np.ndarray, np.ndarray]:
@@ -354,9 +255,28 @@ def _solver_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _compare_with_truth(job: "Reconstruction", half1: np.ndarray, half2: np.ndarray,
+                        ) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    """FSC of the run's map against the true map when there is one (``truth.mrc`` beside the
+    particles file, as ``numba-recon simulate`` writes it, or the configuration's ``truth``).
+
+    A true map that does not fit is logged and skipped: it must not cost the finished run.
+    """
+    from numba_recon import plots as figures
+
+    try:
+        path = figures.find_truth(job.config.particles, job.box, job.angpix, getattr(job.config, "truth", None))
+        if path is None:
+            return None, None
+        return figures.compare_with_truth(job.out, path, job.box, job.angpix, half1, half2)
+    except InputError as err:
+        log.warning("no comparison with the true map: %s", err)
+        return None, None
+
+
 def write_run_outputs(job: "Reconstruction", st: "RunState", losses: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     """Write every output of a finished run (rank 0 only). Returns the summary dictionary."""
-    from numba_recon.evaluate.fsc import fsc, plot_fsc, resolution_at
+    from numba_recon.evaluate.fsc import fsc, resolution_at
     from numba_recon.io.mrc import write_volume
     from numba_recon.io.star import write_star
 
@@ -373,30 +293,42 @@ def write_run_outputs(job: "Reconstruction", st: "RunState", losses: np.ndarray,
     write_volume(out / "run_half1_class001_unfil.mrc", half1, angpix, overwrite=True)
     write_volume(out / "run_half2_class001_unfil.mrc", half2, angpix, overwrite=True)
     write_volume(out / "run_class001.mrc", average, angpix, overwrite=True)
-    write_model_star(out / "run_model.star", curve, box, angpix, res)
+    # run_data.star and run_model.star name files relative to the folder the input's image paths are
+    # relative to (--root, else the input STAR file's folder), as RELION's files are to the project
+    from numba_recon.io.relion_model import solver_spectra
+    from numba_recon.io.star import image_name_root, scores_path, without_score_columns, write_particle_scores
+    from numba_recon.provenance import comment_lines
+
+    name_root = image_name_root(job.particles, out)
+    write_model_star(out / "run_model.star", curve, box, angpix, res,
+                     reference_image=os.path.relpath(out / "run_class001.mrc", name_root),
+                     spectra=solver_spectra(st.solver, box))
     shells = np.arange(curve.size)
     with np.errstate(divide="ignore"):
         ang = np.where(shells > 0, box * angpix / np.maximum(shells, 1), np.inf)
-    atomic_write_text(out / "fsc.csv", "shell,resolution_inv_angstrom,resolution_angstrom,fsc\n" + "".join(
+    atomic_write_text(out / "fsc.csv", "".join(f"{line}\n" for line in comment_lines())
+                      + "shell,resolution_inv_angstrom,resolution_angstrom,fsc\n" + "".join(
         f"{i},{i / (box * angpix):.6g},{a:.6g},{f:.6f}\n" for i, a, f in zip(shells, ang, curve)))
     weights, kept = final_weights(job, scores, st)
-    extra = {
-        "rlnNumbaReconLoss": losses,
-        "rlnNumbaReconScore": scores,
-        "rlnNumbaReconWeight": weights,
-        "rlnNumbaReconKept": kept.astype(int),
-        "rlnNumbaReconHalfSet": st.halves.astype(int),
-        "rlnNumbaReconCrossValidation": st.cv.astype(int),
-    }
-    write_star(job.particles, out / "run_data.star", extra_columns=extra)
-    plot_fsc({"half maps": curve}, box, angpix, plots / "fsc.png", resolution=res,
-             title=f"Gold-standard FSC between the half maps: {res:.2f} \u00c5 at 0.143")
-    if st.history:
-        plot_loss(st.history, plots / "loss.png")
-    plot_slices(average, plots / "slices.png", angpix)
-    plot_projections(average, plots / "projections.png", angpix)
-    if job.schedule.loss != "l2":
-        plot_scores(scores, kept, plots / "scores.png", job.schedule.loss)
+    # RELION labels only in run_data.star (RELION warns about unknown ones); the run's own
+    # per-particle figures go to run_data_scores.csv, keyed by the image names (docs/robustness.md)
+    names = write_star(without_score_columns(job.particles), out / "run_data.star",
+                       extra_columns={"rlnRandomSubset": st.halves.astype(int)}, keep_input_names=True)
+    write_particle_scores(scores_path(out / "run_data.star"), names, {
+        "loss": losses, "score": scores, "weight": weights, "kept": kept.astype(int),
+        "half_set": st.halves.astype(int), "cross_validation": st.cv.astype(int),
+    }, encoding=str(job.particles.meta.get("text_encoding", "utf-8")))
+    from numba_recon import plots as figures
+    from numba_recon.chimerax import write_chimerax_script
+
+    truth, truth_curve = _compare_with_truth(job, half1, half2)
+    # the viewing direction is the third row of each particle's matrix A (numba_recon.plots)
+    figures.draw_figures(plots, box=box, angpix=angpix, fsc_curve=curve, resolution=res, truth_curve=truth_curve,
+                         truth_resolution=truth["resolution_angstrom"] if truth else None, history=st.history,
+                         volume=average, directions=figures.directions_from_vectors(job.particles.rotations[:, 2, :]),
+                         symmetry=str(job.config.symmetry), scores=scores,
+                         kept=kept if job.schedule.loss != "l2" else None, loss=job.schedule.loss)
+    write_chimerax_script(out, average, angpix, resolution_angstrom=res)
     from numba_recon.engine import describe_environment
 
     summary: dict[str, Any] = {
@@ -423,9 +355,16 @@ def write_run_outputs(job: "Reconstruction", st: "RunState", losses: np.ndarray,
             "map": "run_class001.mrc",
             "model": "run_model.star",
             "data": "run_data.star",
+            "scores": "run_data_scores.csv",
             "report": "report.html",
+            "chimerax": "run.cxc",
         },
+        # the folder the image names of run_data.star are relative to (numba-recon select reads it)
+        "image_name_root": str(name_root),
     }
+    if truth:
+        summary["truth"] = truth
+        summary["outputs"]["fsc_truth"] = truth["fsc"]
     if getattr(job, "solver_summary", None):
         summary["solver"] = job.solver_summary
     if len(job.sym_ops) > 1 and job.config.optimizer == "cg":
@@ -444,7 +383,8 @@ def write_run_outputs(job: "Reconstruction", st: "RunState", losses: np.ndarray,
     if job.config.mask:
         summary["postprocess"] = _run_postprocess(job, half1, half2)
         summary["outputs"]["postprocess"] = f"{POSTPROCESS_DIR}/postprocess.mrc"
-    atomic_write_text(out / "command.txt", summary["command_line"] + "\n")
+    if not (out / "command.txt").exists():  # the command that started the run; resumes go to note.txt
+        atomic_write_text(out / "command.txt", summary["command_line"] + "\n")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     write_html_report(out)
     return summary
@@ -455,8 +395,8 @@ def write_run_outputs(job: "Reconstruction", st: "RunState", losses: np.ndarray,
 # ------------------------------------------------------------------------------------------------
 
 def _read_csv_rows(path: Path) -> list[dict[str, float]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    with open(path, newline="") as fh:  # the header comment lines (version, command) start with "#"
+        rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
     out = []
     for row in rows:
         parsed = {}
@@ -469,56 +409,69 @@ def _read_csv_rows(path: Path) -> list[dict[str, float]]:
     return out
 
 
-def make_plots(out_dir: str | os.PathLike) -> list[Path]:
+def make_plots(out_dir: str | os.PathLike, truth: str | os.PathLike | None = None) -> list[Path]:
     """(Re)draw the plots of a finished run folder from its files.
 
-    Uses ``summary.json``, ``fsc.csv``, ``history.csv``, ``run_class001.mrc`` and, for a robust
-    loss, the score columns of ``run_data.star``; a plot whose input is missing is skipped.
+    Uses ``summary.json``, ``fsc.csv``, ``history.csv``, ``run_class001.mrc``, the angles of
+    ``run_data.star`` and the scores of ``run_data_scores.csv`` (kept and rejected particles apart
+    for a robust loss); a plot whose input is missing is skipped. With a true map (``truth``, or
+    ``truth.mrc`` beside the run's particles file) the FSC of the map against it is recomputed into
+    ``fsc_truth.csv`` and drawn with the half-map FSC, and ``summary.json`` records it, so the
+    page's table shows it.
 
     Returns
     -------
     list of Path
         The plots written.
     """
-    from numba_recon.evaluate.fsc import plot_fsc
+    from numba_recon import plots as figures
 
     out = Path(out_dir)
     summary = json.loads((out / "summary.json").read_text())
-    plots = out / PLOTS
-    plots.mkdir(exist_ok=True)
     box = int(summary["box_size"])
     angpix = float(summary["pixel_size_angstrom"])
     res = float(summary.get("resolution_angstrom", float("nan")))
-    written = []
+    curve = None
     if (out / "fsc.csv").is_file():
         curve = np.array([r["fsc"] for r in _read_csv_rows(out / "fsc.csv")])
-        if curve.size == box // 2 + 1:
-            plot_fsc({"half maps": curve}, box, angpix, plots / "fsc.png", resolution=res,
-                     title=f"Gold-standard FSC between the half maps: {res:.2f} \u00c5 at 0.143")
-            written.append(plots / "fsc.png")
-    if (out / "history.csv").is_file():
-        history = _read_csv_rows(out / "history.csv")
-        if history:
-            plot_loss(history, plots / "loss.png")
-            written.append(plots / "loss.png")
+    truth_entry, truth_curve = figures.truth_for_folder(out, summary, truth)
+    if truth_entry and truth_entry != summary.get("truth"):
+        summary["truth"] = truth_entry
+        summary.setdefault("outputs", {})["fsc_truth"] = truth_entry["fsc"]
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    history = _read_csv_rows(out / "history.csv") if (out / "history.csv").is_file() else None
+    volume = None
     if (out / "run_class001.mrc").is_file():
         from numba_recon.io.mrc import read_volume
 
         volume, _ = read_volume(out / "run_class001.mrc")
-        plot_slices(volume, plots / "slices.png", angpix)
-        plot_projections(volume, plots / "projections.png", angpix)
-        written += [plots / "slices.png", plots / "projections.png"]
     loss = str(summary.get("config", {}).get("loss", "l2"))
-    if loss != "l2" and (out / "run_data.star").is_file():
+    directions = scores = kept = None
+    if (out / "run_data.star").is_file():
         import starfile
 
         tables = starfile.read(out / "run_data.star", always_dict=True)
         table = tables.get("particles", next(iter(tables.values())))
-        if "rlnNumbaReconScore" in table:
-            kept = table["rlnNumbaReconKept"].to_numpy() > 0 if "rlnNumbaReconKept" in table else None
-            plot_scores(table["rlnNumbaReconScore"].to_numpy(dtype=np.float64), kept, plots / "scores.png", loss)
-            written.append(plots / "scores.png")
-    return written
+        if "rlnAngleRot" in table and "rlnAngleTilt" in table:
+            directions = figures.directions_from_angles(table["rlnAngleRot"].to_numpy(dtype=np.float64),
+                                                        table["rlnAngleTilt"].to_numpy(dtype=np.float64))
+        from numba_recon.io.star import read_particle_scores
+
+        # run_data_scores.csv beside it, or the score columns of a run_data.star from before that table
+        try:
+            found = read_particle_scores(out / "run_data.star", table) if "rlnImageName" in table else None
+        except InputFileError as err:  # a score table that does not fit: draw the rest
+            log.warning("no score plot: %s", err)
+            found = None
+        if found is not None and "score" in found:
+            scores = found["score"].to_numpy(dtype=np.float64)
+            if loss != "l2" and "kept" in found:
+                kept = found["kept"].to_numpy() > 0
+    return figures.draw_figures(
+        out / PLOTS, box=box, angpix=angpix, fsc_curve=curve, resolution=res, truth_curve=truth_curve,
+        truth_resolution=truth_entry["resolution_angstrom"] if truth_entry else None, history=history,
+        volume=volume, directions=directions, symmetry=summary.get("config", {}).get("symmetry"), scores=scores,
+        kept=kept, loss=loss)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -600,10 +553,11 @@ def write_html_report(out_dir: str | os.PathLike) -> Path:
     """Write ``report.html``: one self-contained page (images embedded as base64 PNG, no scripts,
     no external links) summarising a finished run folder.
 
-    Sections: the resolution at a glance, FSC curves (half maps; masked and corrected ones with
-    post-processing), training history, central slices, projections, per-particle scores (robust
-    losses), symmetry, the command line and the versions. Plots come from ``plots/`` and
-    ``postprocess/`` (see :func:`make_plots` to redraw them).
+    Sections: the resolution at a glance, FSC curves (half maps; the map against the truth when
+    it is known; masked and corrected ones with post-processing), training history, slices through
+    the box centre and the centre of mass, projections, viewing directions, per-particle scores,
+    symmetry, the command line and the versions. Plots come from ``plots/`` and ``postprocess/``
+    (see :func:`make_plots` to redraw them).
     """
     out = Path(out_dir)
     try:
@@ -614,6 +568,7 @@ def write_html_report(out_dir: str | os.PathLike) -> Path:
     cfg = summary.get("config", {})
     pp = summary.get("postprocess") or {}
     sym = summary.get("symmetry") or {}
+    truth = summary.get("truth") or {}
     name = out.resolve().name
 
     cards = [_card("Resolution (half maps, FSC 0.143)", _fmt(summary.get("resolution_angstrom"), ".2f", " " + ANG),
@@ -622,12 +577,17 @@ def write_html_report(out_dir: str | os.PathLike) -> Path:
         cards.insert(0, _card("Resolution (masked, corrected)", _fmt(pp["resolution_angstrom"], ".2f", " " + ANG),
                               main=True))
         cards.append(_card("B-factor for sharpening", _bfactor_text(pp)))
+    if truth:
+        cards.append(_card("Map vs truth (FSC 0.5)", _fmt(truth.get("resolution_angstrom"), ".2f", " " + ANG)))
     cards += [_card("Particles", str(summary.get("particles", "n/a"))),
               _card("Symmetry", str(cfg.get("symmetry", "C1"))),
               _card("Box / pixel", f"{summary.get('box_size', '?')} px, "
                                    f"{_fmt(summary.get('pixel_size_angstrom'), '.3g', ' ' + ANG)}")]
     details = [
         ("Resolution at FSC 0.5", _fmt(summary.get("resolution_fsc05_angstrom"), ".2f", " " + ANG)),
+        *([("Resolution vs truth (FSC 0.5)", f"{_fmt(truth.get('resolution_angstrom'), '.2f', ' ' + ANG)} "
+                                             f"({truth.get('compared', 'map')} against {truth.get('map')})")]
+          if truth else []),
         ("Half sets", f"{summary.get('half_set_sizes')} particles, {summary.get('cross_validation_particles')} "
                       "held out for cross-validation"),
         ("Loss", str(cfg.get("loss", "n/a"))),
@@ -637,6 +597,10 @@ def write_html_report(out_dir: str | os.PathLike) -> Path:
         ("Particles file", str(cfg.get("particles", "n/a"))),
         ("Time for the epochs", _fmt(summary.get("timings_s", {}).get("epochs_s"), ".1f", " s")),
     ]
+    if (out / "run.cxc").is_file():
+        from numba_recon.chimerax import describe_script
+
+        details.append(("3D view (ChimeraX)", describe_script(out / "run.cxc")))
     body = [f'<div class="cards">{"".join(cards)}</div>', _table(details)]
 
     warnings = list(pp.get("warnings", []))
@@ -647,8 +611,10 @@ def write_html_report(out_dir: str | os.PathLike) -> Path:
 
     sections = []
     fsc_half = _img_tag(plots / "fsc.png", "FSC between the half maps",
-                        "Gold-standard FSC between the two independently reconstructed half maps; the red line "
-                        "marks the resolution (last shell before the FSC first drops below 0.143).")
+                        "Gold-standard FSC between the two independently reconstructed half maps; the vertical "
+                        "line marks the resolution (last shell before the FSC first drops below 0.143)."
+                        + (" Red: FSC of the average of the unfiltered half maps against the true map, marked "
+                           "where it first drops below 0.5." if truth else ""))
     fsc_pp = ""
     if pp and not pp.get("error"):
         pp_res = _fmt(pp.get("resolution_angstrom"), ".2f", " " + ANG)
@@ -672,18 +638,31 @@ def write_html_report(out_dir: str | os.PathLike) -> Path:
         plots / "loss.png", "Loss and resolution history",
         "Left: loss per pixel of the training particles and of the held-out cross-validation particles. "
         "Right: half-map resolution after each epoch.") or "<p>No history recorded.</p>"))
-    sections.append(_section("slices", "Map: central slices", _img_tag(
-        plots / "slices.png", "Central slices of the filtered map",
-        "Central XY, XZ and YZ slices of run_class001.mrc (FSC-weighted average, low-pass filtered at the "
-        "resolution).") or "<p>No map found.</p>"))
+    sections.append(_section("slices", "Map: slices", _img_tag(
+        plots / "slices.png", "Slices of the filtered map",
+        "XY, XZ and YZ slices of run_class001.mrc (FSC-weighted average, low-pass filtered at the resolution). "
+        "Top: through the box centre (red cross: the centre of mass projected onto the plane). Bottom: through "
+        "the centre of mass of the density above the suggested contour level or, where that is the box centre, "
+        "through the plane with the most density, which cuts the wall of a hollow particle. Each panel names "
+        "its plane and position.") or "<p>No map found.</p>"))
     sections.append(_section("projections", "Map: front and side projections", _img_tag(
         plots / "projections.png", "Projections of the filtered map",
         "Sums of run_class001.mrc along Z (front), Y and X (sides).") or "<p>No map found.</p>"))
-    if cfg.get("loss", "l2") != "l2":
+    sections.append(_section("directions", "Viewing directions", _img_tag(
+        plots / "directions.png", "Distribution of the viewing directions",
+        "Direction of view of every particle (rlnAngleRot, rlnAngleTilt) on a Mollweide map of the sphere, "
+        "counted in equal-area bins: a hot spot is a preferred orientation, a dark region a missing view, "
+        "which lowers the resolution along that direction.") or "<p>No particle angles found.</p>"))
+    robust = cfg.get("loss", "l2") != "l2"
+    if robust or (plots / "scores.png").is_file():
         sections.append(_section("scores", "Per-particle scores", _img_tag(
             plots / "scores.png", "Per-particle scores",
-            "Scores of every particle against the final half map of its half set; the robust loss keeps the "
-            "low-score population and down-weights the rest. Scores and weights are in run_data.star.")
+            "Score of every particle against the final half map of its half set: (loss \u2212 ||image||\u00b2) / "
+            "||model image||\u00b2, \u22121 for a perfect fit, about +1 for an image without the particle. "
+            + ("The robust loss keeps the low-score population and down-weights the rest. " if robust else
+               "The L2 loss weighs every particle the same; a second population at high scores is junk worth "
+               "removing (numba-recon select, or a robust --loss). ")
+            + "Scores and weights are in run_data_scores.csv.")
             or "<p>No score plot found.</p>"))
     if sym:
         sym_rows = [("Point group", f"{sym.get('group')} ({sym.get('operators')} operators, RELION's convention)"),
@@ -705,8 +684,8 @@ def write_html_report(out_dir: str | os.PathLike) -> Path:
     sections.append(_section("versions", "Versions and environment", _table(versions)))
 
     short = {"fsc": "FSC", "postprocess": "Post-processing", "history": "History", "slices": "Slices",
-             "projections": "Projections", "scores": "Scores", "symmetry": "Symmetry", "command": "Command",
-             "versions": "Versions"}
+             "projections": "Projections", "directions": "Views", "scores": "Scores", "symmetry": "Symmetry",
+             "command": "Command", "versions": "Versions"}
     nav = "<nav>" + "".join(f'<a href="#{a}">{short.get(a, html.escape(t))}</a>' for a, t, _ in sections) + "</nav>"
     written = time.strftime("%Y-%m-%d %H:%M")
     page = f"""<!DOCTYPE html>

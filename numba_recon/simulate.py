@@ -283,12 +283,22 @@ def _read_user_volume(volume_path, box_size, pixel_size_angstrom) -> tuple[np.nd
     return volume, n, float(pixel_size_angstrom)
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def _check_out_dir(out_dir: Path, overwrite: bool, n_stacks: int | None = None) -> None:
+    """Refuse an output path that is a file, a non-empty folder without ``overwrite``, and with
+    ``overwrite`` files this data set would replace (``n_stacks`` stacks and the fixed names) that
+    no earlier ``simulate`` provably wrote."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError("output folder is an existing file", out_dir, "choose another -o path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise OutputError("output folder exists and is not empty", out_dir,
                           "pass --overwrite to replace its results, or choose another -o")
+    if overwrite and out_dir.is_dir() and n_stacks is not None:
+        previous = _previous_manifest(out_dir)
+        probe = previous if previous is not None else manifest.Manifest(out_dir, "simulate", store_name=None)
+        names = [_stack_name(k) for k in range(n_stacks)] + [STAR_NAME, TRUTH_NAME, JUNK_NAME, SUMMARY_NAME]
+        # an earlier simulate's simulation.json holds its manifest: it is ours when the manifest is usable
+        ignored = [SUMMARY_NAME] if previous is not None else []
+        manifest.refuse_foreign_outputs(probe, (STACK_DIR,), names, extra_ignored=ignored)
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -472,7 +482,8 @@ def simulate_dataset(
         pix = float(pixel_size_angstrom) if pixel_size_angstrom is not None else 2.0
     _validate(n, box, pix, snr, defocus_min_um, defocus_max_um, astigmatism_angstrom, voltage_kv, cs_mm,
               amplitude_contrast, max_shift_px, junk_fraction, kinds, pps, seed)
-    _check_out_dir(out, overwrite)  # fail before the work; the folder is made once the noise level is known
+    # fail before the work; the folder is made once the noise level is known
+    _check_out_dir(out, overwrite, n_stacks=(n + pps - 1) // pps)
 
     seeds = np.random.SeedSequence(int(seed)).spawn(2)
     plan = draw_plan(n, rng=np.random.default_rng(seeds[0]), defocus_min_um=defocus_min_um,
@@ -699,7 +710,8 @@ def _commit(tmp: Path, out: Path, record: dict, overwrite: bool) -> None:
     for src, dst in moves:
         os.replace(src, dst)
     if overwrite:
-        names = [f"{STACK_DIR}/stack_*.mrcs", STAR_NAME, TRUTH_NAME, JUNK_NAME]
+        names = [f"{STACK_DIR}/{dst.name}" for _, dst in moves if dst.parent.name == STACK_DIR]
+        names += [STAR_NAME, TRUTH_NAME, JUNK_NAME]
         manifest.warn_foreign(listing, (STACK_DIR,), names, extra_ignored=(SUMMARY_NAME, tmp.name))
 
 

@@ -10,6 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+#: Adam's constants (Kingma & Ba's defaults), used by every backend's step.
+ADAM_BETA1 = 0.9
+ADAM_BETA2 = 0.999
+ADAM_EPS = 1e-8
+
+
 @dataclass
 class AdamState:
     """Adam moments for ``k`` parameter arrays stacked on axis 0.
@@ -31,6 +37,55 @@ class AdamState:
         return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), 0)
 
 
+def adam_coefficients(t: int, lr: float | np.ndarray, beta1: float = 0.9, beta2: float = 0.999,
+                      eps: float = 1e-8) -> tuple[np.ndarray, np.float32]:
+    """The bias-corrected step size and epsilon of Adam step ``t`` (counted from 1).
+
+    Returns
+    -------
+    step_size
+        ``lr sqrt(1 - beta2^t) / (1 - beta1^t)`` as float32, a 0-d array or one per leading index
+        ``(k,)`` like ``lr``.
+    eps_hat
+        ``eps sqrt(1 - beta2^t)``, float32: ``step_size m / (sqrt(v) + eps_hat)`` is Algorithm 1's
+        ``lr m_hat / (sqrt(v_hat) + eps)`` without dividing the moments.
+    """
+    bias1 = 1.0 - beta1**t
+    bias2 = 1.0 - beta2**t
+    lr_arr = np.asarray(lr, dtype=np.float64)
+    step_size = (lr_arr * np.sqrt(bias2) / bias1).astype(np.float32)
+    return step_size, np.float32(eps * np.sqrt(bias2))
+
+
+def adam_apply(params: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarray, t: int,
+               lr: float | np.ndarray, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+    """Adam step number ``t`` (counted from 1) of ``params`` in place, with the moments ``m``, ``v``.
+
+    The arithmetic of :func:`adam_step` (which calls it), in float32 and in this order; the CPU
+    backend's ``adam_update`` calls it too, so the maps do not depend on which of the two took the
+    step, and the CUDA kernel follows the same order.
+
+    Parameters
+    ----------
+    params, grad, m, v
+        ``(k, ...)`` float32 arrays; ``params``, ``m`` and ``v`` are updated in place.
+    t
+        The step number (the bias corrections use ``beta^t``).
+    lr, beta1, beta2, eps
+        As for :func:`adam_step`.
+    """
+    m *= beta1
+    m += (1.0 - beta1) * grad
+    v *= beta2
+    v += (1.0 - beta2) * (grad * grad)
+    step_size, eps_hat = adam_coefficients(t, lr, beta1, beta2, eps)
+    if step_size.ndim:
+        step_size = step_size.reshape((-1,) + (1,) * (params.ndim - 1))
+    denom = np.sqrt(v)
+    denom += eps_hat
+    params -= step_size * m / denom
+
+
 def adam_step(params: np.ndarray, grad: np.ndarray, state: AdamState, lr: float | np.ndarray,
               beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
     """One Adam update of ``params`` in place.
@@ -47,20 +102,7 @@ def adam_step(params: np.ndarray, grad: np.ndarray, state: AdamState, lr: float 
         Added to ``sqrt(v_hat)``; given in the units of ``grad``.
     """
     state.t += 1
-    t = state.t
-    state.m *= beta1
-    state.m += (1.0 - beta1) * grad
-    state.v *= beta2
-    state.v += (1.0 - beta2) * (grad * grad)
-    bias1 = 1.0 - beta1**t
-    bias2 = 1.0 - beta2**t
-    lr_arr = np.asarray(lr, dtype=np.float64)
-    step_size = (lr_arr * np.sqrt(bias2) / bias1).astype(np.float32)
-    if step_size.ndim:
-        step_size = step_size.reshape((-1,) + (1,) * (params.ndim - 1))
-    denom = np.sqrt(state.v)
-    denom += np.float32(eps * np.sqrt(bias2))
-    params -= step_size * state.m / denom
+    adam_apply(params, grad, state.m, state.v, state.t, lr, beta1, beta2, eps)
 
 
 

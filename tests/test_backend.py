@@ -43,21 +43,24 @@ def test_unknown_backend_lists_the_choices():
 
 
 def test_auto_logs_its_choice(caplog):
-    with caplog.at_level(logging.INFO, logger="numba_recon.backend"):
+    """The choice is logged: a GPU at INFO, the fall-back to the CPU only at DEBUG (-v), since most
+    machines without a GPU need no reminder on every command."""
+    with caplog.at_level(logging.DEBUG, logger="numba_recon.backend"):
         be = get_backend("auto")
     if numba.config.ENABLE_CUDASIM:
         assert be.name == "cpu"  # the simulator is never chosen automatically
-    assert any(r.levelno == logging.INFO and f"backend auto: {be.name}" in r.getMessage() for r in caplog.records)
+    level = logging.INFO if be.name == "cuda" else logging.DEBUG
+    assert any(r.levelno == level and f"backend auto: {be.name}" in r.getMessage() for r in caplog.records)
 
 
 def test_auto_prefers_a_usable_gpu(monkeypatch, caplog):
     monkeypatch.setattr(backend_mod, "_simulator", lambda: False)
     monkeypatch.setattr(backend_mod, "_cuda_module", lambda: (_fake_cuda_module(), None))
-    with caplog.at_level(logging.INFO, logger="numba_recon.backend"):
+    with caplog.at_level(logging.DEBUG, logger="numba_recon.backend"):
         assert get_backend("auto").name == "cuda"
     assert "backend auto: cuda" in caplog.text
     monkeypatch.setattr(backend_mod, "_cuda_module", lambda: (None, "no CUDA GPU is visible"))
-    with caplog.at_level(logging.INFO, logger="numba_recon.backend"):
+    with caplog.at_level(logging.DEBUG, logger="numba_recon.backend"):
         assert get_backend("auto").name == "cpu"
     assert "backend auto: cpu (no usable CUDA GPU: no CUDA GPU is visible)" in caplog.text
 

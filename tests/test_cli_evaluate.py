@@ -75,7 +75,9 @@ def test_fsc_command(runner, maps, tmp_path):
     curve = fsc(h1, h2)
     assert f"{resolution_at(curve, 48, 1.2):.2f} A" in lines[0]
     assert f"{resolution_at(curve, 48, 1.2, 0.5):.2f} A" in lines[1]
-    rows = (tmp_path / "fsc.csv").read_text().splitlines()
+    lines = (tmp_path / "fsc.csv").read_text().splitlines()
+    assert lines[0].startswith("# numba-recon ") and lines[1].startswith("# command: ")  # provenance
+    rows = [line for line in lines if not line.startswith("#")]
     assert rows[0] == "spectral_index,resolution_inv_angstrom,resolution_angstrom,fsc" and len(rows) == 26
     assert (tmp_path / "fsc.png").read_bytes()[:4] == b"\x89PNG"
     # existing outputs are kept without --overwrite

@@ -71,3 +71,45 @@ def test_projector_splats_through_shared_memory_and_backprojector_gathers(compil
     assert report["project"]["global_atomics"] >= 1     # the tile flush
     assert report["backproject"]["shared_atomics"] == 0
     assert report["backproject"]["global_atomics"] == 0  # a gather: no atomics at all
+
+
+_PREAMBLE_SCRIPT = """
+import json, sys
+try:
+    from numba.cuda.cudadrv.error import NvvmSupportError
+except ImportError:
+    NvvmSupportError = ()
+from numba_recon.cuda import _target
+from numba_recon.cuda.device_check import _add_one_kernel
+if _target.SIMULATOR:
+    print("simulator is active in the subprocess"); sys.exit(4)
+try:
+    ptx = {f"sm{a}{b}": _target.cuda.compile_ptx(_add_one_kernel.py_func, "void(float32[::1])", cc=(a, b))[0]
+           for a, b in ((9, 0), (8, 0))}
+except NvvmSupportError as err:
+    print("libNVVM is missing:", err); sys.exit(3)
+print(json.dumps(ptx))
+"""
+
+
+def test_device_check_preamble_kernel_compiles():
+    """The preamble's add-one kernel (the first kernel a GPU node runs) compiles for sm_90 and sm_80."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run([sys.executable, "-c", _PREAMBLE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode == 3:
+        pytest.skip(f"compile-only checks need libNVVM: {proc.stdout.strip()}")
+    assert proc.returncode == 0, f"compilation failed:\n{proc.stdout}\n{proc.stderr}"
+    ptx = json.loads(proc.stdout.strip().splitlines()[-1])
+    for target in ("sm90", "sm80"):
+        text = ptx[target]
+        assert ".entry" in text and ("add.f32" in text or "add.rn.f32" in text), target
+        assert ".f64" not in text, target
+
+
+def test_optimiser_step_kernels_compile_in_float32(compiled):
+    # the adam step runs on the device every minibatch: float32 throughout, nothing spilled
+    for name in ("adam", "scale_gradient"):
+        assert name in compiled["sm90"] and compiled["sm80_chars"][name] > 1000, name
+        assert compiled["sm90"][name]["f64_ops"] == 0, name
+        assert compiled["sm90"][name]["local_bytes"] == 0, name

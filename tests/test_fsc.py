@@ -134,8 +134,8 @@ def test_fsc_curve_axis_and_csv(tmp_path):
     assert curve.resolution_inv_angstrom[10] == pytest.approx(10 / 96.0)
     assert curve.resolution() == pytest.approx(9.6)
     path = curve.to_csv(tmp_path / "fsc.csv")
-    with open(path) as fh:
-        rows = list(csv.DictReader(fh))
+    with open(path) as fh:  # the version and command lines start with "#"
+        rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
     assert list(rows[0]) == ["spectral_index", "resolution_inv_angstrom", "resolution_angstrom", "fsc"]
     assert len(rows) == 33
     assert float(rows[12]["fsc"]) == pytest.approx(0.3)
@@ -145,7 +145,7 @@ def test_fsc_curve_axis_and_csv(tmp_path):
     curve.to_csv(path, overwrite=True)
     write_fsc_csv(tmp_path / "two.csv", {"a": hand_curve(), "b": np.ones(33)}, 64, 1.5)
     with open(tmp_path / "two.csv") as fh:
-        assert next(csv.reader(fh))[-2:] == ["a", "b"]
+        assert next(csv.reader(line for line in fh if not line.startswith("#")))[-2:] == ["a", "b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fsc.csv", "two.csv"]  # no temporary files left
 
 

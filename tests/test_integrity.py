@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import mrcfile
+import pandas as pd
 import numpy as np
 import pytest
 
@@ -312,3 +313,74 @@ def test_ctrl_c_says_how_far_the_run_got_and_how_to_continue(data, tmp_path, epo
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         assert (out / "NUMBA_RECON_JOB_EXIT_SUCCESS").exists()
+
+
+def test_copied_stacks_are_refused_or_dropped(data, tmp_path, runner, clean_run):
+    """A stack copied under another name, its rows repeated with the copies in the opposite half
+    sets: the names differ, so only the pixels tell (before: Nyquist reported for a 7.4 A map)."""
+    import starfile
+
+    dest = tmp_path / "data"
+    shutil.copytree(data, dest)
+    star = starfile.read(dest / "particles.star", always_dict=True)
+    table = star["particles"]
+    for stack in sorted((dest / "Particles").glob("stack_*.mrcs")):
+        shutil.copyfile(stack, stack.with_name(stack.name.replace("stack_", "copy_")))
+    copies = table.copy()
+    copies["rlnImageName"] = copies["rlnImageName"].str.replace("stack_", "copy_")
+    if "rlnRandomSubset" in copies:
+        copies["rlnRandomSubset"] = 3 - copies["rlnRandomSubset"]
+    star["particles"] = pd.concat([table, copies], ignore_index=True)
+    starfile.write(star, dest / "dup.star", overwrite=True)
+    out = tmp_path / "refused"
+    res = runner.invoke(main, ["-q", "run", str(dest / "dup.star"), "-o", str(out), "--backend", "cpu"])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "1200 particle image(s) are pixel-for-pixel copies" in line and "row 1201 (000001@copy_0001.mrcs)" in line
+    assert not out.exists()
+    summary, text = _run_logged(runner, dest / "dup.star", tmp_path / "dropped", "--drop-duplicates")
+    assert "dropped 1200 particle row(s) whose image copies an earlier row's" in text
+    assert summary["resolution_angstrom"] == pytest.approx(clean_run[1]["resolution_angstrom"], rel=0.05)
+
+
+def test_info_check_pixels_agrees_with_run(data, tmp_path, runner):
+    """``info --check-pixels`` said "ready" for pixels of 1e30 and for copied stacks, which ``run``
+    refuses."""
+    huge = _copy_with_stacks(data, tmp_path / "huge", lambda images, k: images * np.float32(1e30))
+    res = runner.invoke(main, ["info", str(huge), "--check-pixels"])
+    assert res.exit_code == 2 and "pixel values beyond 1e15" in res.output, res.output
+    import starfile
+
+    dest = tmp_path / "copied"
+    shutil.copytree(data, dest)
+    shutil.copyfile(dest / "Particles" / "stack_0001.mrcs", dest / "Particles" / "copy_0001.mrcs")
+    star = starfile.read(dest / "particles.star", always_dict=True)
+    extra = star["particles"].iloc[:3].copy()
+    extra["rlnImageName"] = extra["rlnImageName"].str.replace("stack_", "copy_")
+    star["particles"] = pd.concat([star["particles"], extra], ignore_index=True)
+    starfile.write(star, dest / "particles.star", overwrite=True)
+    res = runner.invoke(main, ["info", str(dest / "particles.star"), "--check-pixels"])
+    assert res.exit_code == 0, res.output
+    assert "not ready" in res.output and "3 particle image(s) are pixel-for-pixel copies" in res.output
+    assert "particle 1201 copies particle 1" in res.output
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "{dir}", "-o", "{tmp}/o"], "is a directory"),
+    (["run", "{star}", "--root", "{star}", "-o", "{tmp}/o"], "--root"),
+    (["run", "{star}", "-o", "{tmp}/o", "--no-such-option"], "No such option '--no-such-option'"),
+    (["fsc", "{dir}", "{dir}"], "is a directory"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+])
+def test_click_usage_errors_are_one_line(data, tmp_path, args, fragment):
+    """A folder given as the particle file used to print click's usage block."""
+    from click.testing import CliRunner
+
+    folder = tmp_path / "folder.star"
+    folder.mkdir()
+    subst = {"dir": str(folder), "tmp": str(tmp_path), "star": str(data / "particles.star")}
+    res = CliRunner().invoke(main, [a.format(**subst) for a in args])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("numba-recon: error: ") and fragment in lines[0], res.output
+    assert "--help" in lines[0] and "Usage:" not in res.output

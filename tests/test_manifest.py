@@ -51,7 +51,9 @@ def _assert_manifest_covers(out: Path, user: set[str] = frozenset()) -> dict:
     """The manifest lists every file of ours in ``out`` with its current size and time, and nothing else."""
     data = _manifest(out)
     assert data["command"] == "run"
-    ours = _files(out) - set(user) - {MANIFEST_NAME}
+    from numba_recon.manifest import JOURNALS
+
+    ours = _files(out) - set(user) - {MANIFEST_NAME, *JOURNALS}
     assert set(data["files"]) == ours
     for rel, entry in data["files"].items():
         st = (out / rel).stat()
@@ -106,12 +108,12 @@ def test_run_overwrite_keeps_user_files_and_folders_in_checkpoints(data, tmp_pat
     assert "checkpoints/notes.txt" in res.stderr and "checkpoints/mine/" in res.stderr
     assert "checkpoints/ckpt_e0099.h5" in res.stderr
     user = {"checkpoints/notes.txt", "checkpoints/mine/inner.h5", "checkpoints/ckpt_e0099.h5"}
-    # pruning kept the newest two of *our* checkpoints and left the user's look-alike alone
-    assert sorted(p.name for p in (out / "checkpoints").glob("ckpt_e*.h5")) == [
-        "ckpt_e0002.h5", "ckpt_e0003.h5", "ckpt_e0099.h5"]
-    assert "checkpoints/ckpt_e0001.h5" in before and not (out / "checkpoints" / "ckpt_e0001.h5").exists()
+    # pruning kept the newest of *our* checkpoints (--keep-checkpoints 1 after success) and left the
+    # user's look-alike alone
+    assert sorted(p.name for p in (out / "checkpoints").glob("ckpt_e*.h5")) == ["ckpt_e0003.h5", "ckpt_e0099.h5"]
+    assert "checkpoints/ckpt_e0002.h5" in before
     listed = _assert_manifest_covers(out, user)
-    assert {"checkpoints/ckpt_e0002.h5", "checkpoints/ckpt_e0003.h5", "checkpoints/latest.json", "run_class001.mrc",
+    assert {"checkpoints/ckpt_e0003.h5", "checkpoints/latest.json", "run_class001.mrc",
             "NUMBA_RECON_JOB_EXIT_SUCCESS"} <= set(listed["files"])
     assert [s["mode"] for s in listed["sessions"]] == ["overwrite"]
     from numba_recon import manifest
@@ -133,7 +135,7 @@ def test_overwrite_without_mask_leaves_no_stale_postprocess_or_scores(data, tmp_
     assert sorted(p.name for p in (out / "postprocess").iterdir()) == ["postprocess.star"]
     assert edited.read_text().endswith("# my comment\n")
     assert "postprocess/postprocess.star" in res.stderr
-    assert not (out / "plots" / "scores.png").exists()
+    # the score plot is drawn for every loss: the new one is the new run's (listed with its own size and time)
     assert "postprocess" not in json.loads((out / "summary.json").read_text())
     _assert_manifest_covers(out, {"postprocess/postprocess.star"})
     # without anything of the user's left in it, the folder the old run created goes too
@@ -144,8 +146,9 @@ def test_overwrite_without_mask_leaves_no_stale_postprocess_or_scores(data, tmp_
 
 
 def test_overwrite_of_a_folder_without_manifest_removes_nothing_else(data, tmp_path, runner):
-    """An older run folder (no manifest) or a user folder: files named like this run's outputs are
-    replaced, everything else stays and is named in the warning."""
+    """An older run folder (no manifest) or a user folder: a file of another with the name of an
+    output is refused (it used to be replaced), before anything is written; once it is moved away,
+    everything else stays and is named in the warning."""
     out = tmp_path / "old"
     (out / "checkpoints").mkdir(parents=True)
     (out / "postprocess").mkdir()
@@ -154,14 +157,31 @@ def test_overwrite_of_a_folder_without_manifest_removes_nothing_else(data, tmp_p
     (out / "checkpoints" / "ckpt_e0005.h5").write_bytes(b"old checkpoint")
     (out / "readme.txt").write_text("about this folder")
     (out / "NUMBA_RECON_JOB_EXIT_SUCCESS").touch()
+    before = {rel: (out / rel).read_bytes() for rel in _files(out)}
+    res = runner.invoke(main, ["-q", "run", str(data / "sim" / "particles.star"), "-o", str(out), *COMMON,
+                               "--overwrite"])
+    assert res.exit_code == 2 and "run_class001.mrc" in res.output.strip().splitlines()[-1], res.output
+    assert {rel: (out / rel).read_bytes() for rel in _files(out)} == before
+    (out / "run_class001.mrc").rename(tmp_path / "my_map.mrc")
     res = _run(runner, data, out, "--overwrite")
-    assert (out / "run_class001.mrc").read_bytes() != b"old map"  # replaced: that is what --overwrite means
     assert (out / "postprocess" / "postprocess.mrc").read_bytes() == b"old post-processing"
     assert (out / "checkpoints" / "ckpt_e0005.h5").read_bytes() == b"old checkpoint"
     assert (out / "readme.txt").read_text() == "about this folder"
     for name in ("postprocess/postprocess.mrc", "checkpoints/ckpt_e0005.h5", "readme.txt"):
         assert name in res.stderr, name
     _assert_manifest_covers(out, {"postprocess/postprocess.mrc", "checkpoints/ckpt_e0005.h5", "readme.txt"})
+
+
+def test_overwrite_refuses_to_replace_a_changed_output(data, tmp_path, runner):
+    """A map of ours that the user changed since (e.g. sharpened in place) is theirs now: refused."""
+    out = tmp_path / "run"
+    _run(runner, data, out, quiet=True)
+    edited = out / "run_class001.mrc"
+    edited.write_bytes(edited.read_bytes() + b"\0")
+    res = runner.invoke(main, ["-q", "run", str(data / "sim" / "particles.star"), "-o", str(out), *COMMON,
+                               "--overwrite"])
+    assert res.exit_code == 2 and "run_class001.mrc" in res.output, res.output
+    assert edited.read_bytes().endswith(b"\0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +205,7 @@ def test_killed_run_then_overwrite_removes_exactly_its_files(data, tmp_path):
     res = _cli(["-q", "run", star, "-o", str(out), *COMMON, "--overwrite"], NUMBA_RECON_FAULT="kill:epoch=0")
     assert res.returncode == -signal.SIGKILL, res.stderr
     second = _assert_manifest_covers(out, user)
-    assert _files(out) == user | set(second["files"]) | {MANIFEST_NAME}
+    assert _files(out) == user | set(second["files"]) | {MANIFEST_NAME, "note.txt", "run.log"}
     assert not set(killed["files"]) - set(second["files"]) & _files(out)
     assert not (out / "checkpoints" / "ckpt_e0001.h5").exists()
     for rel in user:
@@ -206,8 +226,8 @@ def test_resume_continues_the_manifest(data, tmp_path):
     assert res.returncode == 0, res.stderr
     final = _assert_manifest_covers(out, {"checkpoints/keep.txt"})
     assert [s["mode"] for s in final["sessions"]] == ["new", "resume"]
-    assert sorted(r for r in final["files"] if r.startswith("checkpoints/ckpt")) == [
-        "checkpoints/ckpt_e0003.h5", "checkpoints/ckpt_e0004.h5"]
+    # after success the newest checkpoint is kept (--keep-checkpoints 1)
+    assert sorted(r for r in final["files"] if r.startswith("checkpoints/ckpt")) == ["checkpoints/ckpt_e0004.h5"]
     assert {"half_sets.csv", "history.csv", "run_class001.mrc", "report.html", "plots/fsc.png",
             "NUMBA_RECON_JOB_EXIT_SUCCESS"} <= set(final["files"])
     assert final["temporary"] == []

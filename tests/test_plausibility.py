@@ -443,3 +443,24 @@ def test_check_fuzz_only_warns_or_refuses(values, shift, pixel_size, thu):
             return
     assert all(isinstance(w, str) and "\n" not in w for w in found)
     assert len(found) == len({re.match(r"x\.star: ([^:]+):", w).group(1) for w in found})
+
+
+def test_zero_defocus_warns(tmp_path, caplog):
+    """A defocus column of zeros (a missing value) used to read without a word, and the run then
+    reported half maps that agree with each other but not with the particle."""
+    import logging
+
+    from numba_recon.read import read_particles
+    from numba_recon.simulate import simulate_dataset
+
+    sim = tmp_path / "sim"
+    simulate_dataset(sim, n_particles=16, box_size=16, pixel_size_angstrom=4.0, snr=0.5, seed=2, particles_per_stack=16)
+    import starfile
+
+    star = starfile.read(sim / "particles.star", always_dict=True)
+    star["particles"]["rlnDefocusU"] = 0.0
+    star["particles"]["rlnDefocusV"] = 0.0
+    starfile.write(star, sim / "zero.star", overwrite=True)
+    with caplog.at_level(logging.WARNING):
+        read_particles(sim / "zero.star")
+    assert "rlnDefocusU: 16 of 16 particles have a defocus of exactly 0 A" in caplog.text

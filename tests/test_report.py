@@ -1,6 +1,7 @@
 """Post-processing at the end of `numba-recon run --mask`, the mask checks, and the HTML report:
 its content without a browser, its regeneration by `numba-recon report`, and a headless Chromium
-rendering (skipped where no Chromium is installed).
+rendering that checks every image of the page loads (skipped, saying why, where no Chromium can be
+found: on PATH, in the usual install folders, in a Playwright cache or in $NUMBA_RECON_CHROMIUM).
 
 About 15 s on 2 cores: one simulated set (box 24, 600 particles) and one D7 run of 3 epochs.
 """
@@ -141,8 +142,11 @@ def test_run_refuses_a_wrong_mask_before_reconstructing(data, tmp_path, runner):
 # The HTML page
 # ---------------------------------------------------------------------------------------------
 
-SECTIONS = ("summary", "fsc", "postprocess", "history", "slices", "projections", "scores", "symmetry", "command",
-            "versions")
+SECTIONS = ("summary", "fsc", "postprocess", "history", "slices", "projections", "directions", "scores", "symmetry",
+            "command", "versions")
+#: The figures of a run with --mask and a robust loss, as embedded in its page.
+FIGURES = ("plots/fsc.png", "plots/loss.png", "plots/slices.png", "plots/projections.png", "plots/directions.png",
+           "plots/scores.png", "postprocess/postprocess_fsc.png", "postprocess/postprocess_guinier.png")
 
 
 def _embedded_pngs(page: str) -> list[bytes]:
@@ -156,10 +160,9 @@ def test_report_has_every_section_and_embeds_its_images(run_dir):
         assert f'id="{anchor}"' in page, anchor
     # every figure is embedded, and they are the run's own plots
     pngs = _embedded_pngs(page)
-    assert page.count("<img") == len(pngs) == 7
+    assert page.count("<img") == len(pngs) == len(FIGURES)
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
-    for name in ("plots/fsc.png", "plots/loss.png", "plots/slices.png", "plots/projections.png", "plots/scores.png",
-                 "postprocess/postprocess_fsc.png", "postprocess/postprocess_guinier.png"):
+    for name in FIGURES:
         assert (run_dir / name).read_bytes() in pngs, name
     # self-contained: nothing is fetched from anywhere
     assert "http://" not in page and "https://" not in page
@@ -182,11 +185,11 @@ def test_report_command_redraws_the_plots(run_dir, runner, tmp_path):
     res = runner.invoke(main, ["report", str(copy)])
     assert res.exit_code == 0, res.output
     assert "report.html" in res.output
-    for name in ("fsc.png", "loss.png", "slices.png", "projections.png", "scores.png"):
+    for name in ("fsc.png", "loss.png", "slices.png", "projections.png", "directions.png", "scores.png"):
         assert (copy / "plots" / name).is_file(), name
     page = (copy / "report.html").read_text()
     assert all(f'id="{a}"' in page for a in SECTIONS)
-    assert len(_embedded_pngs(page)) == 7
+    assert len(_embedded_pngs(page)) == len(FIGURES)
 
 
 def test_report_command_bad_inputs(runner, tmp_path):
@@ -213,22 +216,108 @@ def test_plain_run_report_has_no_optional_sections(tmp_path):
 # Rendering in a browser
 # ---------------------------------------------------------------------------------------------
 
-def _chromium() -> str | None:
-    sys.path.insert(0, str(SCREENSHOT.parent))
-    try:
-        from report_screenshot import find_chromium
-    finally:
-        sys.path.pop(0)
-    return find_chromium()
+#: Browser names on PATH (Debian's chromium, Ubuntu's, Google's, Playwright's headless shell).
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome",
+                  "chrome-headless-shell", "headless_shell")
+#: Where browsers live when they are not on PATH.
+CHROMIUM_PATHS = ("/usr/lib/chromium/chromium", "/usr/lib/chromium-browser/chromium-browser", "/snap/bin/chromium",
+                  "/opt/google/chrome/chrome", "/opt/google/chrome/google-chrome", "/usr/local/bin/chromium")
+#: Playwright's downloads: full Chromium and the headless shell, older and newer folder layouts.
+PLAYWRIGHT_GLOBS = ("chromium-*/chrome-linux*/chrome", "chromium_headless_shell-*/chrome-linux*/headless_shell",
+                    "chromium_headless_shell-*/chrome-headless-shell-linux*/chrome-headless-shell")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no chromium executable on PATH (apt-get install chromium)")
+def find_chromium() -> tuple[str | None, str]:
+    """A Chromium (or Chrome) executable, and where it was looked for (for the skip message).
+
+    Order: ``$NUMBA_RECON_CHROMIUM`` (``.ci/run`` sets it when it finds a browser off PATH), PATH,
+    the usual install folders, then Playwright's cache (``$PLAYWRIGHT_BROWSERS_PATH`` or
+    ``~/.cache/ms-playwright``).
+    """
+    import glob
+    import os
+
+    def runnable(path: str | None) -> bool:
+        return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
+
+    explicit = os.environ.get("NUMBA_RECON_CHROMIUM")
+    if runnable(explicit):
+        return explicit, ""
+    for name in CHROMIUM_NAMES:
+        path = shutil.which(name)
+        if path:
+            return path, ""
+    for path in CHROMIUM_PATHS:
+        if runnable(path):
+            return path, ""
+    cache = os.environ.get("PLAYWRIGHT_BROWSERS_PATH") or os.path.expanduser("~/.cache/ms-playwright")
+    for pattern in PLAYWRIGHT_GLOBS:
+        for path in sorted(glob.glob(os.path.join(cache, pattern)), reverse=True):
+            if runnable(path):
+                return path, ""
+    looked = (f"$NUMBA_RECON_CHROMIUM{' (' + explicit + ', not executable)' if explicit else ' (unset)'}, "
+              f"PATH ({', '.join(CHROMIUM_NAMES)}), {', '.join(CHROMIUM_PATHS)} and the Playwright cache {cache}")
+    return None, looked
+
+
+CHROMIUM, _LOOKED = find_chromium()
+NO_CHROMIUM = (f"no Chromium or Chrome executable found (looked in {_LOOKED}); install one with "
+               "`apt-get install chromium` (.ci/run does so when it runs as root with apt-get and a network)")
+
+#: Appended to a copy of the page: once everything has loaded, write each <img>'s state into the
+#: DOM, where --dump-dom shows it. naturalWidth is 0 for an image the browser could not decode.
+_IMAGE_CHECK = """<script>
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  var result = {
+    count: images.length,
+    widths: images.map(function (im) { return im.naturalWidth; }),
+    failed: images.filter(function (im) { return !(im.complete && im.naturalWidth > 0); })
+                  .map(function (im) { return im.alt; })
+  };
+  var out = document.createElement("pre");
+  out.id = "image-check";
+  out.textContent = JSON.stringify(result);
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _dump_dom(browser: str, page: Path, profile: Path) -> str:
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+           "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+def test_every_image_of_the_report_loads_in_headless_chromium(run_dir, tmp_path):
+    page = (run_dir / "report.html").read_text()
+    n_images = page.count("<img")
+    assert n_images == len(FIGURES)
+    # a control image that cannot be decoded shows that the check sees a failed image
+    control = '<img alt="broken control" src="data:image/png;base64,AAAA">'
+    probe = tmp_path / "report_probe.html"
+    probe.write_text(page.replace("</body>", control + _IMAGE_CHECK + "\n</body>"))
+    dom = _dump_dom(CHROMIUM, probe, tmp_path / "profile")
+    found = re.search(r'<pre id="image-check">(.*?)</pre>', dom, re.S)
+    assert found, "the check script did not run: " + dom[-1000:]
+    result = json.loads(html.unescape(found.group(1)))
+    assert result["count"] == n_images + 1
+    assert result["failed"] == ["broken control"], result
+    # each of the report's images decoded at the width of its PNG (110 dpi figures: hundreds of pixels)
+    assert all(w > 300 for w in result["widths"][:n_images]), result["widths"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     from PIL import Image
 
     png = tmp_path / "report.png"
-    proc = subprocess.run([sys.executable, str(SCREENSHOT), str(run_dir / "report.html"), str(png)],
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, str(SCREENSHOT), str(run_dir / "report.html"), str(png),
+                           "--chromium", CHROMIUM], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     image = np.asarray(Image.open(png).convert("L"), dtype=np.float64)
     assert image.shape == (3000, 1200)

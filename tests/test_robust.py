@@ -140,39 +140,39 @@ def noisy_set(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("loss", ["trimmed", "reweighted"])
 def test_robust_runs_separate_junk_and_write_star(noisy_set, tmp_path, runner, loss):
     from numba_recon.cli import main
-    from numba_recon.io.star import read_star
+    from numba_recon.io.star import read_particle_scores, read_star
 
     out = tmp_path / loss
     res = runner.invoke(main, ["-q", "run", str(noisy_set), "-o", str(out), "--epochs", "5", "--backend", "cpu",
                                "--loss", loss, "--robust-warmup", "2", "--batch-size", "100"])
     assert res.exit_code == 0, res.output
-    data = read_star(out / "run_data.star")
+    # image names as in the input: relative to the input's folder
+    data = read_star(out / "run_data.star", root=noisy_set.parent)
     assert len(data) == 500
-    for col in ("rlnNumbaReconLoss", "rlnNumbaReconScore", "rlnNumbaReconWeight", "rlnNumbaReconKept",
-                "rlnNumbaReconHalfSet"):
-        assert col in data.table.columns
+    assert not [c for c in data.table.columns if c.startswith("rlnNumbaRecon")]  # RELION labels only
+    found = read_particle_scores(out / "run_data.star", data.table)
+    for col in ("loss", "score", "weight", "kept", "half_set", "cross_validation"):
+        assert col in found.columns
+    np.testing.assert_array_equal(found["half_set"].to_numpy(), data.half_set)  # written as rlnRandomSubset
     # every input column survives
     original = read_star(noisy_set)
     assert set(original.table.columns) <= set(data.table.columns)
     junk = np.genfromtxt(noisy_set.parent / "junk.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
     is_junk = np.asarray(junk["is_junk"], bool)
-    auc = _auc(data.table["rlnNumbaReconScore"].to_numpy(np.float64), is_junk)
+    auc = _auc(found["score"].to_numpy(np.float64), is_junk)
     assert auc >= 0.95, auc
-    kept = data.table["rlnNumbaReconKept"].to_numpy().astype(bool)
+    kept = found["kept"].to_numpy().astype(bool)
     assert kept[~is_junk].mean() > kept[is_junk].mean() + 0.4
     assert (out / "plots" / "scores.png").is_file()
     # select a cleaned STAR file and read it back
     clean = tmp_path / f"clean_{loss}.star"
     res = runner.invoke(main, ["select", str(out / "run_data.star"), "--keep-fraction", "0.6", "-o", str(clean)])
     assert res.exit_code == 0, res.output
-    sel = read_star(clean)
+    sel = read_star(clean, root=noisy_set.parent)  # the names of run_data.star, unchanged
     assert len(sel) == 300
-    def key(name):  # paths are rewritten relative to each STAR file's folder
-        idx, path = name.split("@", 1)
-        return int(idx), Path(path).name
-
-    names = {key(n) for n in sel.table["rlnImageName"]}
-    rows = [i for i, name in enumerate(data.table["rlnImageName"]) if key(name) in names]
+    assert set(sel.table["rlnImageName"]) <= set(data.table["rlnImageName"])
+    names = set(sel.table["rlnImageName"])
+    rows = [i for i, name in enumerate(data.table["rlnImageName"]) if name in names]
     assert len(rows) == 300
     assert is_junk[rows].mean() < 0.15
 
@@ -210,10 +210,10 @@ def test_robust_losses_do_not_depend_on_rank_count(noisy_set, tmp_path, loss):
         a = mrcfile.read(tmp_path / "r1" / f"run_half{h}_class001_unfil.mrc")
         b = mrcfile.read(tmp_path / "r2" / f"run_half{h}_class001_unfil.mrc")
         assert np.abs(a - b).max() / np.abs(a).max() < 1e-5
-    from numba_recon.io.star import read_star
+    import pandas as pd
 
-    k1 = read_star(tmp_path / "r1" / "run_data.star").table["rlnNumbaReconKept"].to_numpy()
-    k2 = read_star(tmp_path / "r2" / "run_data.star").table["rlnNumbaReconKept"].to_numpy()
+    k1 = pd.read_csv(tmp_path / "r1" / "run_data_scores.csv", comment="#")["kept"].to_numpy()
+    k2 = pd.read_csv(tmp_path / "r2" / "run_data_scores.csv", comment="#")["kept"].to_numpy()
     assert (k1 == k2).mean() > 0.99
 
 
@@ -231,12 +231,12 @@ def test_robust_losses_on_the_cuda_backend_in_the_simulator(tmp_path, runner, lo
                                "--batch-size", "8", "--cv-fraction", "0", "--loss", loss, "--robust-warmup", "1",
                                *keep])
     assert res.exit_code == 0, res.output
-    from numba_recon.io.star import read_star
+    import pandas as pd
 
-    table = read_star(out / "run_data.star").table
-    weights = table["rlnNumbaReconWeight"].to_numpy()
-    assert np.isfinite(table["rlnNumbaReconScore"].to_numpy()).all()
+    table = pd.read_csv(out / "run_data_scores.csv", comment="#")
+    weights = table["weight"].to_numpy()
+    assert np.isfinite(table["score"].to_numpy()).all()
     if loss == "trimmed":
-        assert 0 < table["rlnNumbaReconKept"].to_numpy().sum() < 16
+        assert 0 < table["kept"].to_numpy().sum() < 16
     else:
         assert weights.min() < weights.max()  # the weights differ between particles

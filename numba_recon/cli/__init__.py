@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import re
 import sys
+from typing import Any
 
 import click
 
@@ -34,6 +36,21 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+_VERBOSITY = re.compile(r"^(-[vq]+|--verbose|--quiet)$")
+
+
+def hoist_verbosity(args: list[str]) -> list[str]:
+    """Move ``-v``/``-q`` (and ``-vv``, ``--verbose``, ``--quiet``) given after the subcommand to
+    before it, so ``numba-recon run ... -q`` works like ``numba-recon -q run ...``; nothing after
+    ``--`` is touched."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if _VERBOSITY.match(a)]
+    if not flags:
+        return args
+    rest = [a for a in args[:end] if not _VERBOSITY.match(a)]
+    return flags + rest + args[end:]
+
+
 class LazyGroup(click.Group):
     """A click group that imports a subcommand's module only when that subcommand runs."""
 
@@ -51,6 +68,31 @@ class LazyGroup(click.Group):
                 return None
             raise
 
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """click's entry point, with click's own usage errors (an unknown option, a value click
+        rejects, a folder where a file is expected) as the project's one line and exit status 2
+        instead of a usage block, and Ctrl-C outside a run as one line and exit status 130."""
+        args = hoist_verbosity(list(sys.argv[1:] if args is None else args))
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # bare `numba-recon`: the help, as click shows it
+                err.show()
+                sys.exit(err.exit_code)
+            where = err.ctx.command_path if err.ctx is not None else "numba-recon"
+            click.echo(f"numba-recon: error: {err.format_message().rstrip('.')}; see `{where} --help`", err=True)
+            sys.exit(2)
+        except click.ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("numba-recon: error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
         if rows:
@@ -58,9 +100,22 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
 
+def launch_rank() -> int:
+    """This process's MPI rank as the launcher (mpirun, mpiexec, srun) sets it; 0 outside MPI."""
+    import os
+
+    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def configure_logging(verbosity: int) -> None:
     """Map ``-v``/``-q`` counts to a log level (default INFO) on stderr."""
     level = max(logging.DEBUG, min(logging.ERROR, logging.INFO - 10 * verbosity))
+    if launch_rank() > 0:  # under MPI every rank says the same: rank 0 speaks, the others only on errors
+        level = max(level, logging.ERROR)
     logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", force=True)
     logging.getLogger("numba").setLevel(logging.WARNING)

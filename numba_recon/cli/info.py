@@ -108,9 +108,15 @@ def check_particle_pixels(particles: ParticleSet) -> dict[str, Any]:
     """
     from numba_recon.io.mrc import factorize_paths
 
+    import hashlib
+
+    from numba_recon.batch import PEAK_LIMIT
+
     n = len(particles)
     nonfinite = np.zeros(n, dtype=bool)
     constant = np.zeros(n, dtype=bool)
+    huge = np.zeros(n, dtype=bool)
+    digest = np.zeros(n, dtype=np.uint64)  # copies of one image under other names have equal digests
     value = np.zeros(n, dtype=np.float64)  # the pixel value of a constant image
     codes, stacks = factorize_paths(particles.stack_paths)
     indices = np.asarray(particles.stack_indices, dtype=np.int64)
@@ -119,6 +125,8 @@ def check_particle_pixels(particles: ParticleSet) -> dict[str, Any]:
         wanted, where = np.unique(indices[rows], return_inverse=True)  # rows sharing an image read it once
         bad = np.zeros(len(wanted), dtype=bool)
         flat = np.zeros(len(wanted), dtype=bool)
+        big = np.zeros(len(wanted), dtype=bool)
+        hashes = np.zeros(len(wanted), dtype=np.uint64)
         level = np.zeros(len(wanted), dtype=np.float64)
         done = 0
         for chunk, images in _read_images_raw(str(stack), wanted):
@@ -128,9 +136,15 @@ def check_particle_pixels(particles: ParticleSet) -> dict[str, Any]:
             part = slice(done, done + len(chunk))
             bad[part] = ~finite
             flat[part] = finite & (lo == hi)
+            with np.errstate(invalid="ignore"):
+                big[part] = finite & (np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64) > PEAK_LIMIT)
             level[part] = np.where(finite, lo, 0).astype(np.float64)
+            # as float32, as the reconstruction reads them: the same digest as its survey
+            hashes[part] = [int.from_bytes(hashlib.blake2b(np.ascontiguousarray(im, dtype=np.float32).tobytes(),
+                                                           digest_size=8).digest(), "little") for im in images]
             done += len(chunk)
         nonfinite[rows], constant[rows], value[rows] = bad[where], flat[where], level[where]
+        huge[rows], digest[rows] = big[where], hashes[where]
 
     def first(mask: np.ndarray) -> tuple[int, str, int] | None:
         if not mask.any():
@@ -144,7 +158,18 @@ def check_particle_pixels(particles: ParticleSet) -> dict[str, Any]:
         "images_constant": int(constant.sum()),
         "first_nonfinite": first(nonfinite),
         "first_constant": first(constant),
+        "images_huge": int(huge.sum()),
+        "first_huge": first(huge),
     }
+    from numba_recon.batch import copied_images
+
+    # rows naming the same image are counted by the metadata check; copies under other names here
+    named = np.unique(np.stack([codes, indices]), axis=1, return_index=True)[1] if n else np.zeros(0, np.int64)
+    distinct = np.sort(named)
+    copies, originals = copied_images(digest[distinct])
+    result["images_copied"] = int(copies.size)
+    result["first_copied"] = (None if not copies.size else
+                              (int(distinct[copies[0]]), int(distinct[originals[0]])))
     if result["first_constant"] is not None:
         result["first_constant"] += (float(value[result["first_constant"][0]]),)
     return result
@@ -181,6 +206,10 @@ def blocking_problem(particles: ParticleSet, summary: dict[str, Any]) -> InputFi
         row, stack, index, level = summary["first_constant"]
         parts.append(f"image {index + 1} is constant, every pixel {level:g} (stack {stack}, particle {row + 1}, "
                      f"{summary['images_constant']} of {n} particle images in all)")
+    if summary.get("images_huge"):
+        row, stack, index = summary["first_huge"]
+        parts.append(f"image {index + 1} has pixel values beyond 1e15 (stack {stack}, particle {row + 1}, "
+                     f"{summary['images_huge']} of {n} particle images in all: not normalised)")
     if parts:
         why = " (constant images are not particle images)" if summary.get("images_constant") else ""
         return InputFileError(" and ".join(parts), path,
@@ -201,6 +230,11 @@ def readiness(particles: ParticleSet, summary: dict[str, Any]) -> list[str]:
     if repeated.size:
         reasons.append(f"{repeated.size} particle row(s) repeat the image of an earlier row (numba-recon run "
                        "refuses them unless given --drop-duplicates)")
+    if summary.get("images_copied"):
+        copy, original = summary["first_copied"]
+        reasons.append(f"{summary['images_copied']} particle image(s) are pixel-for-pixel copies of another row's "
+                       f"image (particle {copy + 1} copies particle {original + 1}; numba-recon run refuses them "
+                       "unless given --drop-duplicates)")
     return reasons
 
 
@@ -292,7 +326,7 @@ def _format_particles(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("stack files", str(s["n_stack_files"])),
     ]
     if s["pixels_checked"]:
-        rows.append(("images checked", f"{s['images_checked']}, all finite, none constant"))
+        rows.append(("images checked", f"{s['images_checked']}, all finite, none constant, none beyond 1e15"))
     if s["not_ready_because"]:
         verdict = "not ready: " + "; ".join(s["not_ready_because"])
         if not s["pixels_checked"]:
@@ -368,7 +402,7 @@ def info(file: Path, angpix: float | None, root: Path | None, check_pixels: bool
         if problem is None and check_pixels:
             summary.update(check_particle_pixels(particles))
             problem = blocking_problem(particles, summary)
-            for key in ("first_nonfinite", "first_constant"):  # None when nothing is found
+            for key in ("first_nonfinite", "first_constant", "first_huge"):  # None when nothing is found
                 del summary[key]
         if problem is not None:
             raise problem

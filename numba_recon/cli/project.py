@@ -29,7 +29,8 @@ from numba_recon.errors import InputError, InputFileError
 @click.option("--no-ctf", is_flag=True, help="Do not apply the CTF.")
 @click.option("--no-shift", is_flag=True, help="Do not apply the origin shifts.")
 @click.option("--first", type=int, default=None, help="Only the first N particles.")
-@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when a GPU is usable, else the CPU (as run).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @handle_errors
 def project(map_path: str, star_path: str, output: str, angpix: float | None, no_ctf: bool, no_shift: bool,

@@ -98,9 +98,18 @@ def parse_keep_fraction(value: str) -> tuple[float | None, float | None]:
 @click.option("--reweight-power", type=float, default=1.0, show_default=True,
               help="Reweighted loss: weights ~ 1/(loss + eps)^p.")
 @click.option("--sym", "symmetry", default="C1", show_default=True, help="Point group: C1, Cn, Dn, T, O, I1-I4.")
+@click.option("--truth", type=click.Path(dir_okay=False), default=None,
+              help="A map of the truth (simulated data): the report adds its FSC with the map.  [default: truth.mrc "
+                   "beside the particle file, when its box and voxel size fit]")
 @click.option("--mask", type=click.Path(dir_okay=False), default=None,
               help="Mask for post-processing at the end of the run (masked FSC, sharpening).")
 @click.option("--radius", "radius_px", type=float, default=None, help="Map support radius in pixels (default N/2-1).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads per process for the kernels and FFTs.  [default: the cores available divided by "
+                   "the MPI ranks on the node]")
+@click.option("--keep-checkpoints", type=int, default=1, show_default=True,
+              help="Checkpoints kept once the run has finished (during the run the newest two are kept; at box 400 "
+                   "each holds several GB).")
 @click.option("--cache-mb", type=float, default=2048, show_default=True,
               help="Memory for prepared particles; beyond it particles are re-read every epoch.")
 @click.pass_context
@@ -111,6 +120,7 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
     from numba_recon.reduce import get_comm
 
     comm = get_comm()
+    _use_threads(options.pop("threads"), comm)
     resume = resume_dir is not None
     if resume:
         config = _config_from_checkpoint(resume_dir, ctx, options, particles)
@@ -121,7 +131,7 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
             raise InputError("no output folder given", None, "add -o OUTDIR")
         keep_start, keep_end = parse_keep_fraction(keep_fraction)
         # absolute paths: a resume from another working directory finds the same files
-        for name in ("root", "mask", "initial_map"):
+        for name in ("root", "mask", "initial_map", "truth"):
             if options.get(name):
                 options[name] = str(Path(options[name]).resolve())
         config = RunConfig(particles=str(Path(particles).resolve()), out_dir=str(Path(out_dir).resolve()),
@@ -141,14 +151,27 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
     if resume and comm.is_root:
         # only now, with the stored run reloaded and checked, is the finished run's marker withdrawn
         _clear_outputs(Path(config.out_dir), resume=True)
+    handler = _start_records(Path(config.out_dir), resume, verbosity) if comm.is_root else None
     try:
         summary = job.run()
     except KeyboardInterrupt:
         _interrupted(job, comm)
+    finally:
+        if handler is not None:
+            from numba_recon.journal import detach_log
+
+            detach_log(handler)
     if comm.is_root:
+        from numba_recon.checkpoint import prune_checkpoints
+
         out = Path(config.out_dir)
+        prune_checkpoints(out, config.keep_checkpoints)
         _mark_success(out)
         click.echo(f"Resolution (half maps, FSC 0.143): {summary['resolution_angstrom']:.2f} A")
+        masked = summary.get("postprocess") or {}
+        if masked.get("resolution_angstrom") is not None:
+            click.echo(f"Resolution (masked, phase-randomisation corrected, FSC 0.143): "
+                       f"{masked['resolution_angstrom']:.2f} A  (mask {masked.get('mask') or config.mask})")
         click.echo(f"Maps: {out / 'run_class001.mrc'}, {out / 'run_half1_class001_unfil.mrc'}, "
                    f"{out / 'run_half2_class001_unfil.mrc'}")
         click.echo(f"Report: {out / 'report.html'}")
@@ -158,8 +181,34 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
 #: what the output manifest lists as written by the previous run: docs/outputs-and-overwrite.md).
 RUN_OUTPUT_FILES = ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_class001.mrc",
                     "run_model.star", "run_data.star", "fsc.csv", "history.csv", "half_sets.csv", "summary.json",
-                    "command.txt", "report.html", "NUMBA_RECON_JOB_EXIT_SUCCESS")
+                    "command.txt", "report.html", "run.cxc", "fsc_truth.csv", "run_data_scores.csv",
+                    "NUMBA_RECON_JOB_EXIT_SUCCESS")
 RUN_OUTPUT_FOLDERS = ("checkpoints", "plots", "postprocess")
+
+
+def _start_records(out: Path, resume: bool, verbosity: int):
+    """note.txt gets this command, run.log the log from here on; a new run writes command.txt (a
+    resume keeps the command that started the run). Returns the log handler."""
+    from numba_recon.checkpoint import atomic_write_text
+    from numba_recon.journal import append_note, attach_log, command_line
+
+    append_note(out)
+    if not resume:
+        atomic_write_text(out / "command.txt", command_line() + "\n")
+    return attach_log(out, verbosity)
+
+
+def _use_threads(threads: int | None, comm) -> None:
+    """Set the threads of this process: ``--threads``, else the cores available over the ranks on the node."""
+    from numba_recon.threads import available_cores, default_threads, set_threads
+
+    if threads is not None and threads <= 0:
+        raise InputError(f"--threads must be positive (got {threads})", None,
+                         f"give at most the {available_cores()} cores available, or omit it")
+    n = threads if threads is not None else default_threads(comm.local_size)
+    kernel = set_threads(n)
+    log.debug("%d thread(s) per process (%d core(s) available, %d rank(s) on this node)%s", n, available_cores(),
+              comm.local_size, "" if kernel == n else f"; Numba kernels capped at NUMBA_NUM_THREADS={kernel}")
 
 
 def _interrupted(job, comm) -> None:
@@ -198,9 +247,18 @@ def _refuse_inputs_among_outputs(config, out: Path) -> None:
                              "copy it elsewhere first, or give another -o folder")
 
 
-#: Names the run may write, for the warning about files of others that it will replace.
-RUN_OUTPUT_PATTERNS = (*RUN_OUTPUT_FILES, "checkpoints/ckpt_e*.h5", "checkpoints/latest.json", "plots/*.png",
-                       "postprocess/postprocess*")
+def run_output_names(config) -> tuple[str, ...]:
+    """The names a run with ``config`` may write (relative to its folder): with --overwrite, a file of
+    another with one of these names is refused, never replaced."""
+    from numba_recon.checkpoint import checkpoint_name
+    from numba_recon.report import PLOT_FILES, POSTPROCESS_DIR
+
+    names = [*RUN_OUTPUT_FILES, "checkpoints/latest.json", *(f"plots/{name}" for name in PLOT_FILES)]
+    epochs = getattr(config, "epochs", None) or 0
+    names += [f"checkpoints/{checkpoint_name(e)}" for e in range(1, epochs + 1)]
+    if getattr(config, "mask", None):
+        names.append(f"{POSTPROCESS_DIR}/postprocess*")
+    return tuple(names)
 
 
 def _clear_outputs(out: Path, overwrite: bool = False, config=None, resume: bool = False) -> None:
@@ -215,7 +273,7 @@ def _clear_outputs(out: Path, overwrite: bool = False, config=None, resume: bool
 
     protect = [] if config is None else [config.particles, config.mask, config.initial_map]
     manifest.start(out, "run", overwrite=overwrite, resume=resume, protect=protect, folders=RUN_OUTPUT_FOLDERS,
-                   outputs=RUN_OUTPUT_PATTERNS, markers=manifest.MARKERS)
+                   outputs=run_output_names(config), markers=manifest.MARKERS)
     if resume:
         manifest.withdraw_markers(out)
 
@@ -239,7 +297,7 @@ def _config_from_checkpoint(resume_dir: str, ctx: click.Context, options: dict, 
     if ckpt is None:
         raise OutputError("no usable checkpoint in this folder", out, "start a new run with -o and --overwrite")
     data = dict(ckpt.config)
-    data["out_dir"] = str(out)
+    data["out_dir"] = str(out.resolve())
     given = [name for name in options if _from_command_line(ctx, name)]
     changing = [name for name in given if name not in RESUME_SAFE_OPTIONS and options[name] != data.get(name)]
     if _from_command_line(ctx, "keep_fraction"):
@@ -253,7 +311,8 @@ def _config_from_checkpoint(resume_dir: str, ctx: click.Context, options: dict, 
                          "another -o folder")
     for name in given:
         if name in RESUME_SAFE_OPTIONS:
-            data[name] = str(Path(options[name]).resolve()) if name == "mask" and options[name] else options[name]
+            data[name] = (str(Path(options[name]).resolve()) if name in ("mask", "truth") and options[name]
+                          else options[name])
     if particles is not None and Path(particles).resolve() != Path(data["particles"]).resolve():
         raise InputError("the particle file differs from the one the run started with", particles,
                          f"resume with {data['particles']} (or omit the file)")
@@ -262,7 +321,8 @@ def _config_from_checkpoint(resume_dir: str, ctx: click.Context, options: dict, 
 
 #: Options a resumed run may change: how long it goes on and what it writes at the end, not what
 #: it computes.
-RESUME_SAFE_OPTIONS = ("epochs", "early_stop", "mask", "backend", "cache_mb", "checkpoint_every")
+RESUME_SAFE_OPTIONS = ("epochs", "early_stop", "mask", "backend", "cache_mb", "checkpoint_every", "keep_checkpoints",
+                       "truth")
 
 
 def _from_command_line(ctx: click.Context, name: str) -> bool:

@@ -27,7 +27,7 @@ from numba_recon.cli._common import handle_errors, overwrite_option
 
 
 @click.command("simulate", help=__doc__)
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
+@click.option("-o", "--output", "--out", "out_dir", required=True, type=click.Path(),
               help="Output folder (must be empty or new unless --overwrite).")
 @click.option("--n-particles", type=int, default=5000, show_default=True, help="Number of particle images.")
 @click.option("--box-size", type=int, default=None,

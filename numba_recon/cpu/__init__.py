@@ -13,6 +13,7 @@ from numba_recon.cpu.fourier import forward_residual, fourier_filter
 from numba_recon.cpu.insert import insert_weights
 from numba_recon.cpu.memory import synchronize, to_device, to_host, zeros
 from numba_recon.cpu.project import project
+from numba_recon.cpu.step import adam_update, copy_into, fill, scale_gradient
 
 
 def is_available() -> bool:
@@ -21,12 +22,16 @@ def is_available() -> bool:
 
 
 __all__ = [
+    "adam_update",
     "backproject",
+    "copy_into",
+    "fill",
     "forward_residual",
     "fourier_filter",
     "insert_weights",
     "is_available",
     "project",
+    "scale_gradient",
     "synchronize",
     "to_device",
     "to_host",

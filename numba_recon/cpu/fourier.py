@@ -8,6 +8,7 @@ from numba import njit, prange
 
 from numba_recon.cpu import _support
 from numba_recon.cpu.project import project
+from numba_recon.threads import fft_workers
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -50,9 +51,9 @@ def fourier_filter(images: np.ndarray, filters: np.ndarray, out: np.ndarray) -> 
     _support.check_array("out", out, (nb, n, n), images.dtype)
     if nb == 0:
         return
-    spectrum = scipy.fft.rfft2(images, workers=-1)  # all cores: the batch's transforms are independent
+    spectrum = scipy.fft.rfft2(images, workers=fft_workers())  # all cores: the batch's transforms are independent
     spectrum *= _even_half(filters)
-    out[...] = scipy.fft.irfft2(spectrum, s=(n, n), workers=-1)
+    out[...] = scipy.fft.irfft2(spectrum, s=(n, n), workers=fft_workers())
 
 
 @njit(parallel=True, fastmath=True, cache=True)

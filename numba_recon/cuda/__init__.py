@@ -1,8 +1,9 @@
 """CUDA twin of the forward model (numba-cuda kernels).
 
 Exports the kernel contract of ``docs/architecture.md`` for device arrays: ``project``,
-``backproject``, ``fourier_filter``, ``forward_residual``, ``weighted_backproject``, ``insert_weights`` and the memory
-helpers ``to_device``, ``to_host``, ``zeros``, ``synchronize``; plus ``is_available`` and
+``backproject``, ``fourier_filter``, ``forward_residual``, ``weighted_backproject``, ``insert_weights``, the
+optimiser step ``scale_gradient`` and ``adam_update``, and the memory helpers ``to_device``, ``to_host``,
+``zeros``, ``fill``, ``copy_into``, ``synchronize``; plus ``is_available`` and
 ``describe``. Launchers are asynchronous: call :func:`synchronize` (or copy to the host) before
 reading results on the host. With ``NUMBA_ENABLE_CUDASIM=1`` the same code runs in Numba's CUDA
 simulator. Design notes: ``docs/cuda.md``.
@@ -17,6 +18,7 @@ from numba_recon.cuda.insert import insert_weights
 from numba_recon.cuda.memory import synchronize, to_device, to_host, zeros
 from numba_recon.cuda.project import project
 from numba_recon.cuda.residual import forward_residual
+from numba_recon.cuda.step import adam_update, copy_into, fill, scale_gradient
 
 __all__ = [
     "project",
@@ -25,9 +27,13 @@ __all__ = [
     "insert_weights",
     "forward_residual",
     "weighted_backproject",
+    "scale_gradient",
+    "adam_update",
     "to_device",
     "to_host",
     "zeros",
+    "fill",
+    "copy_into",
     "synchronize",
     "is_available",
     "describe",

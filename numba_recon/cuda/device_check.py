@@ -4,8 +4,17 @@ Run on a machine with a GPU (about 1-3 minutes, most of it kernel compilation)::
 
     python -m numba_recon.cuda.device_check --out device_check.json
 
-It records, in order, writing the JSON file after every section so that an interrupted run keeps
-what it measured:
+It starts with a preamble (:func:`preamble`), printed and stored under ``preamble``: the NVIDIA
+driver release and the CUDA version it supports, the CUDA toolkit numba-cuda compiles with (its
+NVRTC version) and the cuda-bindings wheels in use, the device name and compute capability, and a
+trivial kernel (add 1 to an array) whose result is checked. When any of that fails the check stops
+with one line naming the problem and a hint, for example::
+
+    device_check: the CUDA 13 toolchain needs driver >= 580; this node has 570.124.06 (CUDA 12.8):
+    pip install 'numba-recon[cu12]'
+
+(exit status 2, the JSON file holds the preamble). Otherwise it records, in order, writing the
+JSON file after every section so that an interrupted run keeps what it measured:
 
 1. ``device``: name, compute capability, driver/runtime and numba-cuda versions.
 2. ``correctness`` (at ``--parity-box``, default 32): every launcher against a NumPy reference
@@ -21,7 +30,8 @@ what it measured:
 5. ``memory``: peak device memory in use.
 6. ``target``: the best loss-and-gradient images/s at box 128 against the 30,000 images/s target.
 
-The exit status is 0 when every correctness check passed, 1 when one failed, 2 for bad options.
+The exit status is 0 when every correctness check passed, 1 when one failed, 2 for bad options or
+when the preamble failed (no usable GPU, a driver too old for the toolkit, a kernel that does not run).
 ``--simulator-smoke`` runs all sections at a tiny box in Numba's CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``): it proves the script runs, its timings mean nothing.
 """
@@ -34,7 +44,10 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -45,7 +58,7 @@ import numpy as np
 
 import numba_recon
 from numba_recon import cuda as nc
-from numba_recon.cuda._target import SIMULATOR, cuda, describe
+from numba_recon.cuda._target import SIMULATOR, cuda, describe, is_available
 from numba_recon.cuda.memory import fill
 from numba_recon.geometry import random_rotations
 
@@ -79,6 +92,261 @@ def _atomic_shared_kernel(out, reps):
         cuda.atomic.add(buf, t, one)
     cuda.syncthreads()
     out[cuda.blockIdx.x * ATOMIC_THREADS + t] = buf[t]
+
+
+@cuda.jit
+def _add_one_kernel(arr):
+    """``arr[i] += 1`` (the preamble's trivial kernel)."""
+    i = cuda.grid(1)
+    if i < arr.shape[0]:
+        arr[i] += np.float32(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# preamble: driver, toolkit, device and one trivial kernel
+
+#: Lowest NVIDIA driver branch for each CUDA major version (CUDA minor version compatibility:
+#: https://docs.nvidia.com/deploy/cuda-compatibility/minor-version-compatibility.html).
+DRIVER_FLOOR: dict[int, int] = {12: 525, 13: 580}
+#: The numba-recon extra that installs each CUDA major version's wheels.
+EXTRA_FOR_CUDA: dict[int, str] = {12: "cu12", 13: "cuda"}
+#: Lowest compute capability each CUDA major version compiles for (numba-cuda installation notes).
+MIN_CC_FOR_CUDA: dict[int, tuple[int, int]] = {12: (5, 0), 13: (7, 5)}
+#: Elements of the trivial kernel's array.
+PREAMBLE_N = 1000
+
+_INSTALL = "pip install 'numba-recon[cuda]' (CUDA 13, driver >= 580) or 'numba-recon[cu12]' (CUDA 12, driver >= 525)"
+
+
+def _pair(version: Any) -> tuple[int, int] | None:
+    """``(major, minor)`` from a version tuple or string, None when there is none."""
+    if version is None:
+        return None
+    if isinstance(version, str):
+        m = re.match(r"\s*(\d+)\.(\d+)", version)
+        return (int(m.group(1)), int(m.group(2))) if m else None
+    try:
+        major, minor = int(version[0]), int(version[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (major, minor) if major >= 0 and minor >= 0 else None
+
+
+def _dotted(version: tuple[int, int] | None) -> str | None:
+    return None if version is None else f"{version[0]}.{version[1]}"
+
+
+def parse_driver_release(text: str) -> str | None:
+    """The release in the text of ``/proc/driver/nvidia/version`` (proprietary or open kernel module)."""
+    m = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return m.group(1) if m else None
+
+
+def driver_release() -> tuple[str | None, str | None]:
+    """The NVIDIA driver release (``"570.124.06"``) and where it was read, or ``(None, None)``.
+
+    Reads ``/proc/driver/nvidia/version`` (Linux), else asks ``nvidia-smi``. Never raises.
+    """
+    try:
+        found = parse_driver_release(Path("/proc/driver/nvidia/version").read_text(errors="replace"))
+        if found:
+            return found, "/proc/driver/nvidia/version"
+    except OSError:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            proc = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=20)
+            lines = proc.stdout.split()
+            if proc.returncode == 0 and lines and re.fullmatch(r"\d+\.\d+(?:\.\d+)?", lines[0]):
+                return lines[0], "nvidia-smi"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return None, None
+
+
+def diagnose(toolkit: tuple[int, int] | None, driver_cuda: tuple[int, int] | None,
+             release: str | None = None, compute_capability: tuple[int, int] | None = None
+             ) -> tuple[str, str] | None:
+    """``(problem, hint)`` when the toolkit cannot run on this driver or device, else None.
+
+    Parameters
+    ----------
+    toolkit
+        ``(major, minor)`` of the CUDA toolkit numba-cuda compiles with (its NVRTC version).
+    driver_cuda
+        ``(major, minor)`` of the newest CUDA the driver supports (``cuDriverGetVersion``).
+    release
+        The driver release, e.g. ``"570.124.06"``, when known.
+    compute_capability
+        The device's ``(major, minor)``, when known.
+    """
+    if toolkit is None:
+        return None
+    major = toolkit[0]
+    floor = DRIVER_FLOOR.get(major)
+    branch = None
+    if release:
+        m = re.match(r"(\d+)", release)
+        branch = int(m.group(1)) if m else None
+    too_old = (driver_cuda is not None and driver_cuda[0] < major) or (
+        floor is not None and branch is not None and branch < floor)
+    if too_old:
+        have = release or "an older driver"
+        if driver_cuda is not None:
+            have += f" (CUDA {_dotted(driver_cuda)})"
+        needs = f"driver >= {floor}" if floor is not None else f"a driver for CUDA {major}"
+        problem = f"the CUDA {major} toolchain needs {needs}; this node has {have}"
+        fits = [m for m in sorted(DRIVER_FLOOR) if m < major and (
+            (branch is not None and branch >= DRIVER_FLOOR[m])
+            or (branch is None and driver_cuda is not None and driver_cuda[0] >= m))]
+        if fits:
+            hint = f"pip install 'numba-recon[{EXTRA_FOR_CUDA[fits[-1]]}]'"
+        else:
+            hint = f"upgrade the NVIDIA driver to >= {min(DRIVER_FLOOR.values())} (CUDA 12) or >= 580 (CUDA 13)"
+        return problem, hint
+    min_cc = MIN_CC_FOR_CUDA.get(major)
+    if compute_capability is not None and min_cc is not None and tuple(compute_capability) < min_cc:
+        cc = f"{compute_capability[0]}.{compute_capability[1]}"
+        problem = f"CUDA {major} does not compile for compute capability {cc} (it needs >= {min_cc[0]}.{min_cc[1]})"
+        older = [m for m in sorted(MIN_CC_FOR_CUDA) if tuple(compute_capability) >= MIN_CC_FOR_CUDA[m]]
+        hint = (f"pip install 'numba-recon[{EXTRA_FOR_CUDA[older[-1]]}]'" if older
+                else "this GPU is too old for numba-cuda; use --backend cpu")
+        return problem, hint
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()).rstrip(" :")
+    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
+
+
+def _versions_of(*packages: str) -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def preamble() -> dict[str, Any]:
+    """Driver, toolkit, device and a trivial kernel: the first facts of every GPU check.
+
+    Never raises. Returns a dict with ``status`` (``"passed"`` or ``"failed"``),
+    ``driver_version`` (the driver release, e.g. ``"570.124.06"``), ``driver_cuda_version`` (newest
+    CUDA the driver supports), ``runtime_version`` (the CUDA toolkit numba-cuda compiles with: its
+    NVRTC version), ``cuda_major``/``extra`` (which numba-recon extra those wheels belong to),
+    package versions, ``device_name``, ``compute_capability``, ``kernel`` (the add-one launch and
+    its check), and on failure ``problem`` and ``hint``. In the simulator every version reads
+    ``"simulator"``.
+    """
+    info: dict[str, Any] = {
+        "status": "failed", "simulator": SIMULATOR,
+        "packages": _versions_of("numba-cuda", "cuda-bindings", "cuda-core", "nvidia-cuda-nvrtc",
+                                 "nvidia-cuda-nvrtc-cu12"),
+        "driver_version": None, "driver_version_source": None, "driver_cuda_version": None,
+        "runtime_version": None, "cuda_major": None, "extra": None,
+        "device_name": None, "compute_capability": None, "kernel": None, "problem": None, "hint": None,
+    }
+
+    def fail(problem: str, hint: str) -> dict[str, Any]:
+        info["problem"], info["hint"] = problem, hint
+        return info
+
+    toolkit = driver_cuda = None
+    if SIMULATOR:
+        for key in ("driver_version", "driver_cuda_version", "runtime_version", "driver_version_source"):
+            info[key] = "simulator"
+    else:
+        info["driver_version"], info["driver_version_source"] = driver_release()
+        try:
+            toolkit = _pair(cuda.runtime.get_version())
+        except Exception as err:  # noqa: BLE001 - a missing toolkit is a finding, not a crash
+            return fail(f"the CUDA toolkit libraries numba-cuda needs could not be loaded ({_first_line(err)})",
+                        _INSTALL)
+        info["runtime_version"] = _dotted(toolkit)
+        if toolkit is not None:
+            info["cuda_major"] = toolkit[0]
+            info["extra"] = EXTRA_FOR_CUDA.get(toolkit[0])
+        # the release alone (read without any CUDA library) already tells a too-old driver
+        found = diagnose(toolkit, None, info["driver_version"])
+        if found is not None:
+            return fail(*found)
+        try:
+            driver_cuda = _pair(cuda.cudadrv.driver.driver.get_version())
+        except Exception as err:  # noqa: BLE001
+            return fail(f"the CUDA driver could not be initialised ({_first_line(err)})",
+                        "check the NVIDIA driver with nvidia-smi")
+        info["driver_cuda_version"] = _dotted(driver_cuda)
+        found = diagnose(toolkit, driver_cuda, info["driver_version"])
+        if found is not None:
+            return fail(*found)
+
+    if not is_available():
+        err = None
+        try:
+            err = cuda.cuda_error()
+        except Exception as exc:  # noqa: BLE001
+            err = _first_line(exc)
+        if err:
+            return fail(f"the CUDA driver could not be initialised ({' '.join(str(err).split())})",
+                        "check the NVIDIA driver with nvidia-smi")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        return fail(f"no CUDA GPU is visible{where}", "check nvidia-smi and CUDA_VISIBLE_DEVICES")
+    try:
+        dev = cuda.get_current_device()
+        cc = tuple(int(v) for v in dev.compute_capability)
+        name = getattr(dev, "name", "SIMULATOR" if SIMULATOR else None)
+        info["device_name"] = name.decode() if isinstance(name, bytes) else name
+        info["compute_capability"] = f"{cc[0]}.{cc[1]}"
+    except Exception as err:  # noqa: BLE001
+        return fail(f"the GPU could not be queried ({_first_line(err)})", "check nvidia-smi")
+    if not SIMULATOR:
+        found = diagnose(toolkit, driver_cuda, info["driver_version"], cc)
+        if found is not None:
+            return fail(*found)
+
+    host = np.arange(PREAMBLE_N, dtype=np.float32)
+    t0 = time.perf_counter()
+    try:
+        arr = cuda.to_device(host)
+        _add_one_kernel[(PREAMBLE_N + 127) // 128, 128](arr)
+        got = arr.copy_to_host()
+    except Exception as err:  # noqa: BLE001
+        text = _first_line(err)
+        info["kernel"] = {"name": "add_one", "elements": PREAMBLE_N, "passed": False, "error": text}
+        mismatch = re.search(r"PTX|UNSUPPORTED|222|version", text, re.I)
+        hint = (f"the toolkit may be newer than the driver: {_INSTALL}" if mismatch
+                else "check nvidia-smi (is the GPU in exclusive-process mode and busy?)")
+        return fail(f"a trivial kernel failed to compile or launch ({text})", hint)
+    wrong = int(np.count_nonzero(got != host + np.float32(1.0)))
+    info["kernel"] = {"name": "add_one", "elements": PREAMBLE_N, "passed": wrong == 0, "wrong_values": wrong,
+                      "seconds_including_compile": round(time.perf_counter() - t0, 3)}
+    if wrong:
+        return fail(f"a trivial kernel returned {wrong} wrong values of {PREAMBLE_N}",
+                    "the GPU or driver is not working; check nvidia-smi and dmesg")
+    info["status"] = "passed"
+    return info
+
+
+def preamble_line(info: dict[str, Any]) -> str:
+    """One line for the console: the versions and device, or the problem and its hint."""
+    if info.get("status") != "passed":
+        return f"{info.get('problem')}: {info.get('hint')}"
+    if info.get("simulator"):
+        versions = "driver simulator, toolkit simulator"
+    else:
+        versions = (f"driver {info.get('driver_version') or '?'} (CUDA {info.get('driver_cuda_version') or '?'}), "
+                    f"toolkit CUDA {info.get('runtime_version') or '?'} (extra {info.get('extra') or '?'})")
+    numba_cuda = (info.get("packages") or {}).get("numba-cuda")
+    return (f"{versions}, numba-cuda {numba_cuda}; device {info.get('device_name')} "
+            f"(compute capability {info.get('compute_capability')}); add-one kernel ok")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,9 +746,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"device_check: cannot create the folder of {args.out} ({err.strerror})", file=sys.stderr)
         return 2
-    if not nc.is_available():
-        print("device_check: no CUDA device is available (numba-cuda sees none); nothing to check", file=sys.stderr)
-        return 2
     if args.simulator_smoke:
         parity = (8, 2)
         boxes, batches, repeats, warmup = [8], [2], 1, 0
@@ -506,6 +771,13 @@ def main(argv: list[str] | None = None) -> int:
         "errors": [],
     }
     memory: dict[str, Any] = {}
+    _section(result, args.out, "preamble", preamble)
+    pre = result["preamble"]
+    if not isinstance(pre, dict) or pre.get("status") != "passed":
+        line = preamble_line(pre) if isinstance(pre, dict) else "the preamble failed"
+        print(f"device_check: {line}", file=sys.stderr)
+        return 2
+    print(f"device_check: {preamble_line(pre)}")
     _section(result, args.out, "device", describe)
     _section(result, args.out, "correctness", lambda: check_correctness(*parity))
     _section(result, args.out, "timing", lambda: time_kernels(boxes, batches, repeats, warmup, args.budget_s, memory))

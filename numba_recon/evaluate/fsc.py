@@ -337,7 +337,11 @@ class FSCCurve:
 
 def _write_table_csv(path: str | os.PathLike, axis: FSCCurve, curves: Mapping[str, np.ndarray],
                      overwrite: bool) -> Path:
+    from numba_recon.provenance import comment_lines
+
     buf = io.StringIO()
+    # "#" lines first: the version and the command (readers skip them, e.g. read_csv(comment="#"))
+    buf.write("".join(f"{line}\n" for line in comment_lines()))
     writer = csv.writer(buf, lineterminator="\n")
     names = list(curves)
     writer.writerow(["spectral_index", "resolution_inv_angstrom", "resolution_angstrom", *names])

@@ -518,7 +518,7 @@ def _label() -> str:
 
 
 def _write_mrc(path: str | os.PathLike, data: np.ndarray, voxel_size_angstrom: float, *, stack: bool,
-               overwrite: bool) -> None:
+               overwrite: bool, labels: list[str] | None = None) -> None:
     voxel = float(voxel_size_angstrom)
     if not np.isfinite(voxel) or voxel <= 0:
         raise ValueError(f"voxel size must be a positive number of Angstrom, got {voxel_size_angstrom!r}")
@@ -534,7 +534,8 @@ def _write_mrc(path: str | os.PathLike, data: np.ndarray, voxel_size_angstrom: f
             mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = 0
             mrc.header.label[:] = b""
             mrc.header.nlabl = 0
-            mrc.add_label(_label())
+            for label in labels or [_label()]:
+                mrc.add_label(label)
             mrc.update_header_stats()
 
 
@@ -552,11 +553,34 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, voxel_size_angstro
         Voxel size stored in the header (``cella = voxel * n``).
     overwrite
         Replace an existing file; without it an existing file raises :class:`OutputError`.
+
+    The header labels name the numba-recon version, the map (the file name without ``.mrc``) and
+    the date, then the command line (:func:`numba_recon.provenance.mrc_labels`).
     """
+    from numba_recon.provenance import mrc_labels
+
     vol = np.asarray(volume)
     if vol.ndim != 3:
         raise ValueError(f"volume must be 3D (nz, ny, nx), got shape {vol.shape}")
-    _write_mrc(path, vol, voxel_size_angstrom, stack=False, overwrite=overwrite)
+    _write_mrc(path, vol, voxel_size_angstrom, stack=False, overwrite=overwrite,
+               labels=mrc_labels(_final_stem(path)))
+
+
+def _final_stem(path: str | os.PathLike) -> str:
+    """The file name without extension, also when ``path`` is the hidden temporary name of an
+    :func:`~numba_recon.io.atomic_output` (``.NAME.1a2b3c4d.tmp``, possibly nested)."""
+    import re
+
+    name = os.path.basename(os.fspath(path))
+    while True:
+        m = re.fullmatch(r"\.(.+)\.[0-9a-f]{8}\.tmp", name)
+        if m is None:
+            break
+        name = m.group(1)
+    for suffix in (".mrcs", ".mrc", ".map"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def write_stack(path: str | os.PathLike, images: np.ndarray, pixel_size_angstrom: float, *,

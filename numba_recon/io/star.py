@@ -35,13 +35,20 @@ from numba_recon.geometry import euler_to_matrix, matrix_to_euler
 from numba_recon.io import atomic_output
 from numba_recon.io.mrc import factorize_paths, non_regular_kind, stack_shape
 from numba_recon.particles import CTF_KEYS, ParticleSet
+from numba_recon.provenance import comment_lines
 
 __all__ = [
     "CTF_LABELS",
     "OPTICS_LABELS",
     "REQUIRED_LABELS",
+    "SCORE_COLUMNS",
     "STAR_VERSION_WRITTEN",
+    "image_name_root",
+    "read_particle_scores",
     "read_star",
+    "scores_path",
+    "without_score_columns",
+    "write_particle_scores",
     "write_star",
 ]
 
@@ -804,6 +811,8 @@ def read_star(path: str | os.PathLike, *, angpix: float | None = None, root: str
         "pixel_size_source": "--angpix" if angpix is not None else px_source,
         "n_stacks": int(len(factorize_paths(stack_paths[sel])[1])),
         "root": None if root is None else os.path.abspath(root),
+        # the folder the rlnImageName paths were resolved against (write_star keep_input_names)
+        "image_base": os.path.abspath(base_dir),
         "text_encoding": encoding,
     }
     if class_number is not None:
@@ -857,6 +866,65 @@ def format_image_names(stack_paths: np.ndarray, stack_indices: np.ndarray, folde
     rel_arr = np.array(rel, dtype=object)[inverse] if rel else np.empty(0, dtype=object)
     idx = np.asarray(stack_indices, dtype=np.int64) + 1
     return np.array([f"{i:06d}@{p}" for i, p in zip(idx.tolist(), rel_arr.tolist())], dtype=object)
+
+
+def image_name_root(particles: ParticleSet, folder: str | os.PathLike) -> Path:
+    """The folder that :func:`write_star` with ``keep_input_names=True`` writes image paths relative to.
+
+    The root the particles were read with: ``--root`` when given (``meta["root"]``), else the
+    folder of the STAR file they were read from (its image paths are relative to it); particles
+    that did not come from a STAR file (``.thu``, simulated) use the root when given, else
+    ``folder`` (the output file's folder).
+    """
+    meta = particles.meta
+    if meta.get("root"):
+        return Path(meta["root"])
+    if meta.get("format") == "star":
+        if meta.get("image_base"):
+            return Path(meta["image_base"])
+        if particles.source is not None:
+            return Path(os.path.abspath(os.path.dirname(os.fspath(particles.source))))
+    return Path(os.path.abspath(os.fspath(folder)))
+
+
+def _unchanged_input_names(particles: ParticleSet, base: Path, encoding: str) -> np.ndarray:
+    """``(n,)`` bool: rows whose input ``rlnImageName`` text still names the row's image.
+
+    True for the rows of a STAR input that were kept, dropped or reordered (``subset``), False
+    where the text is missing or the row now points at another stack or index.
+    """
+    n = len(particles)
+    if (particles.meta.get("format") != "star" or "rlnImageName" not in particles.table.columns
+            or n == 0):
+        return np.zeros(n, dtype=bool)
+    names = particles.table["rlnImageName"].to_numpy(dtype=object)
+    has_text = np.array([isinstance(v, str) and v.strip() != "" for v in names.tolist()], dtype=bool)
+    rows = RowProblems(particles.source or "particles", np.arange(1, n + 1), "particle row", permissive=True)
+    stack_paths, indices, _ = resolve_image_names(np.where(has_text, names, "1@?"), base, rows,
+                                                  encoding=encoding)
+    same_stack = np.asarray(stack_paths, dtype=object) == np.asarray(particles.stack_paths, dtype=object)
+    return has_text & ~rows.bad & same_stack & (indices == np.asarray(particles.stack_indices, dtype=np.int64))
+
+
+def _output_image_names(particles: ParticleSet, folder: Path, encoding: str, keep_input_names: bool) -> np.ndarray:
+    """The ``rlnImageName`` text to write (in the table's text encoding, see :func:`_as_written`)."""
+    if not keep_input_names:
+        names = format_image_names(particles.stack_paths, particles.stack_indices, folder)
+    else:
+        base = image_name_root(particles, folder)
+        same = _unchanged_input_names(particles, base, encoding)
+        names = np.empty(len(particles), dtype=object)
+        if same.any():
+            names[same] = particles.table["rlnImageName"].to_numpy(dtype=object)[same]
+        if (~same).any():
+            other = format_image_names(particles.stack_paths[~same], particles.stack_indices[~same], base)
+            if encoding != "utf-8":
+                other = np.array([os.fsencode(n).decode(encoding) for n in other.tolist()], dtype=object)
+            names[~same] = other
+        return names
+    if encoding != "utf-8":  # file-system names (undecodable bytes as surrogates) in the table's Latin-1 text
+        names = np.array([os.fsencode(n).decode(encoding) for n in names.tolist()], dtype=object)
+    return names
 
 
 def _angstrom_origin(shift_px: np.ndarray, pixel_size: float, hint: np.ndarray | None) -> np.ndarray:
@@ -927,16 +995,16 @@ def _format_block(name: str, table: pd.DataFrame, encoding: str = "utf-8") -> st
 
 
 def write_star(particles: ParticleSet, path: str | os.PathLike, *,
-               extra_columns: dict[str, np.ndarray] | None = None) -> None:
+               extra_columns: dict[str, np.ndarray] | None = None, keep_input_names: bool = False) -> np.ndarray:
     """Write particles as a RELION 3.1 STAR file (``data_optics`` + ``data_particles``), atomically.
 
     Poses, origins (``rlnOriginXAngst/YAngst``), CTF values, optics groups, half sets and classes
     come from the :class:`ParticleSet` arrays; every other column of ``particles.table`` (e.g.
-    ``rlnMicrographName``, ``rlnCoordinateX``) is carried over unchanged. Image names are
-    ``%06d@path`` with paths relative to the output file's folder. Values are written as the
+    ``rlnMicrographName``, ``rlnCoordinateX``) is carried over unchanged. Values are written as the
     shortest text that reads back to the same number, so read -> write -> read is exact. Text is
     UTF-8; text read from a file that was not valid UTF-8 (``meta["text_encoding"] == "latin-1"``)
-    is written back as the bytes it was read from.
+    is written back as the bytes it was read from. The file starts with two comment lines naming
+    the numba-recon version and the command line (:func:`numba_recon.provenance.comment_lines`).
 
     Parameters
     ----------
@@ -947,6 +1015,20 @@ def write_star(particles: ParticleSet, path: str | os.PathLike, *,
     extra_columns
         Additional per-particle columns, label (without the leading underscore) -> ``(n,)``
         array; they replace table columns of the same label.
+    keep_input_names
+        How image names are written. False (``convert``, the simulator): ``%06d@path`` with paths
+        relative to the output file's folder. True (``run``'s ``run_data.star``, ``select``): in the
+        input's own form, as RELION writes them: a row whose input ``rlnImageName`` still names its
+        image is written with that text unchanged; any other row as ``%06d@path`` relative to
+        :func:`image_name_root` (the ``--root`` the input was read with, else the input STAR
+        file's folder; for ``.thu`` or simulated particles the root, else the output folder).
+        Such a file is read with the same root as its input.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n,)`` object array: the image names written, as text (keys of the score side table,
+        :func:`write_particle_scores`).
     """
     n = len(particles)
     path = Path(path)
@@ -1048,9 +1130,7 @@ def write_star(particles: ParticleSet, path: str | os.PathLike, *,
 
     shifts = np.asarray(particles.shifts_px, dtype=np.float64).reshape(-1, 2)
     encoding = "latin-1" if particles.meta.get("text_encoding") == "latin-1" else "utf-8"
-    image_names = format_image_names(particles.stack_paths, particles.stack_indices, path.parent)
-    if encoding != "utf-8":  # file-system names (undecodable bytes as surrogates) in the table's Latin-1 text
-        image_names = np.array([os.fsencode(n).decode(encoding) for n in image_names.tolist()], dtype=object)
+    image_names = _output_image_names(particles, path.parent, encoding, keep_input_names)
     values: dict[str, np.ndarray] = {
         "rlnImageName": image_names,
         "rlnAngleRot": angles[:, 0],
@@ -1084,5 +1164,186 @@ def write_star(particles: ParticleSet, path: str | os.PathLike, *,
     with atomic_output(path) as tmp:
         # surrogateescape: _as_written maps the bytes of a non-UTF-8 input to lone surrogates, written back as bytes
         with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write("\n".join(comment_lines(star=True)) + "\n")
             f.write(_format_block("optics", optics_table, encoding))
             f.write(_format_block("particles", out, encoding))
+    return image_names
+
+
+# --------------------------------------------------------------------------------------------
+# the per-particle score table beside run_data.star
+# --------------------------------------------------------------------------------------------
+
+#: Columns of the score table (``run_data_scores.csv``) -> the ``run_data.star`` label that held the
+#: same values before the table existed (still read by :func:`read_particle_scores`).
+SCORE_COLUMNS: dict[str, str] = {
+    "loss": "rlnNumbaReconLoss",
+    "score": "rlnNumbaReconScore",
+    "weight": "rlnNumbaReconWeight",
+    "kept": "rlnNumbaReconKept",
+    "half_set": "rlnNumbaReconHalfSet",
+    "cross_validation": "rlnNumbaReconCrossValidation",
+}
+#: Integer columns of the score table.
+_INTEGER_SCORE_COLUMNS = frozenset({"kept", "half_set", "cross_validation"})
+#: Key column of the score table: the image name exactly as written in the STAR file beside it.
+SCORE_KEY = "image_name"
+
+
+def scores_path(star_path: str | os.PathLike) -> Path:
+    """The score table of a particle STAR file: ``run_data.star`` -> ``run_data_scores.csv``."""
+    p = Path(star_path)
+    return p.with_name(p.stem + "_scores.csv")
+
+
+def without_score_columns(particles: ParticleSet) -> ParticleSet:
+    """The particles without the ``rlnNumbaRecon*`` columns an older ``run_data.star`` carried
+    (RELION warns about every label it does not know; the values now live in the score table)."""
+    from dataclasses import replace
+
+    stale = [c for c in particles.table.columns if str(c).startswith("rlnNumbaRecon")]
+    if not stale:
+        return particles
+    return replace(particles, table=particles.table.drop(columns=stale), meta=dict(particles.meta))
+
+
+def write_particle_scores(path: str | os.PathLike, image_names: Sequence[str], columns: dict[str, np.ndarray], *,
+                          encoding: str = "utf-8") -> None:
+    """Write the per-particle score table (CSV), atomically.
+
+    Two comment lines (version, command line), a header row, then one row per particle in the
+    order of the STAR file it belongs to: ``image_name`` (the ``rlnImageName`` text of that file)
+    followed by ``columns`` in the order given. Numbers are written as the shortest text that reads
+    back to the same value.
+
+    Parameters
+    ----------
+    path
+        Output ``.csv`` (see :func:`scores_path`).
+    image_names
+        ``(n,)`` the image names as written in the STAR file (what :func:`write_star` returns).
+    columns
+        Column name -> ``(n,)`` values (keys of :data:`SCORE_COLUMNS`, or others).
+    encoding
+        The STAR file's text encoding (``meta["text_encoding"]``): names read from a Latin-1 file
+        are written as the same bytes as in the STAR file.
+    """
+    import csv
+    import io
+
+    names = [str(v) for v in np.asarray(image_names, dtype=object).tolist()]
+    n = len(names)
+    arrays = {name: np.asarray(values).reshape(-1) for name, values in columns.items()}
+    for name, values in arrays.items():
+        if values.shape != (n,):
+            raise ValueError(f"score column {name!r} has shape {values.shape}, expected ({n},)")
+    text = {}
+    for name, values in arrays.items():
+        if name in _INTEGER_SCORE_COLUMNS or pdt.is_integer_dtype(values.dtype) or pdt.is_bool_dtype(values.dtype):
+            text[name] = [str(int(v)) for v in values.tolist()]
+        else:
+            text[name] = [repr(float(v)) for v in values.tolist()]
+    buf = io.StringIO()
+    buf.write("\n".join(comment_lines()) + "\n")
+    writer = csv.writer(buf, lineterminator="\n")
+    # a row whose name starts with "#" is quoted, or readers would skip it as a comment line
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    writer.writerow([SCORE_KEY, *arrays])
+    for i, name in enumerate(names):
+        row = [_as_written(name, encoding), *(text[c][i] for c in arrays)]
+        (quoted if row[0].startswith("#") else writer).writerow(row)
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            f.write(buf.getvalue())
+
+
+def _read_score_table(path: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """(image names, column -> text values) of a score table; comment lines skipped."""
+    import csv
+
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            rows = list(csv.reader(line for line in f if not line.startswith("#")))
+    except OSError as err:
+        raise InputFileError(f"cannot read the file ({err.strerror})", path, "check the path and permissions") from None
+    if not rows or not rows[0] or rows[0][0] != SCORE_KEY:
+        raise InputFileError(f"is not a score table (its first column is not {SCORE_KEY})", path,
+                             "rerun numba-recon run, or remove the file to use the STAR file's own columns")
+    header, body = rows[0], rows[1:]
+    short = next((i for i, r in enumerate(body) if len(r) != len(header)), None)
+    if short is not None:
+        raise InputFileError(f"row {short + 1} has {len(body[short])} values for {len(header)} columns", path,
+                             "rerun numba-recon run to write the table again")
+    values = {name: [r[k] for r in body] for k, name in enumerate(header) if k > 0}
+    return [r[0] for r in body], values
+
+
+def read_particle_scores(star_path: str | os.PathLike, table: pd.DataFrame, *,
+                         encoding: str = "utf-8") -> pd.DataFrame | None:
+    """The per-particle scores of a particle STAR file, one row per row of ``table``.
+
+    From the score table beside the file (:func:`scores_path`, written by ``numba-recon run``),
+    matched by image name; else from the ``rlnNumbaRecon*`` columns an older ``run_data.star``
+    carries (:data:`SCORE_COLUMNS`). A STAR file that lost or reordered rows since (a RELION
+    subset of ``run_data.star`` saved under the same name) still finds its rows by name.
+
+    Parameters
+    ----------
+    star_path
+        The STAR file the table was read from.
+    table
+        ``ParticleSet.table`` of that file (``rlnImageName`` as read).
+    encoding
+        ``meta["text_encoding"]`` of that file.
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        Columns of :data:`SCORE_COLUMNS` present (``score``, ``kept``...), float64 (integers for
+        ``kept``, ``half_set``, ``cross_validation``), index ``0..n-1``; None when the file has
+        neither a score table nor score columns.
+
+    Raises
+    ------
+    InputFileError
+        The score table is malformed, or lacks an image of the STAR file (both would attach scores
+        to the wrong particles).
+    """
+    side = scores_path(star_path)
+    n = len(table)
+    if side.is_file():
+        names, values = _read_score_table(side)
+        wanted = [_as_written(str(v), encoding) for v in table["rlnImageName"].tolist()]
+        position: dict[str, int] = {}
+        repeated = False
+        for i, name in enumerate(names):
+            repeated |= name in position
+            position[name] = i
+        if not repeated:
+            missing = [w for w in wanted if w not in position]
+            if missing:
+                raise InputFileError(f"has no row for image {missing[0]} of {Path(star_path).name} "
+                                     f"({len(missing)} of {n} images missing)", side,
+                                     "use the score table written with this STAR file, or remove it")
+            order = np.array([position[w] for w in wanted], dtype=np.int64)
+        elif len(names) == n and names == wanted:  # images repeated: only the file's own row order is safe
+            order = np.arange(n)
+        else:
+            raise InputFileError("names some images twice and does not list the STAR file's rows in order", side,
+                                 "use the score table written with this STAR file, or remove it")
+        out = {}
+        for name, text in values.items():
+            numbers = pd.to_numeric(pd.Series(text, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
+            numbers = numbers[order]
+            out[name] = (np.where(np.isfinite(numbers), numbers, 0).astype(np.int64)
+                         if name in _INTEGER_SCORE_COLUMNS else numbers)
+        return pd.DataFrame(out, index=pd.RangeIndex(n))
+    present = {short: label for short, label in SCORE_COLUMNS.items() if label in table.columns}
+    if not present:
+        return None
+    out = {}
+    for short, label in present.items():
+        numbers = pd.to_numeric(table[label], errors="coerce").to_numpy(dtype=np.float64)
+        out[short] = (np.where(np.isfinite(numbers), numbers, 0).astype(np.int64)
+                      if short in _INTEGER_SCORE_COLUMNS else numbers)
+    return pd.DataFrame(out, index=pd.RangeIndex(n))
