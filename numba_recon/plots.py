@@ -4,7 +4,7 @@ Every figure is drawn on an explicit Agg canvas with constrained layout and the 
 so the page reads the same from figure to figure: titles, axis labels, tick labels and legends each
 have one size. Legends sit outside the axes, or inside where matplotlib finds the emptiest corner
 (``loc="best"``) on a semi-opaque box, so they never hide a curve's label or a marker's value.
-Files are written through :func:`numba_recon.report._savefig`: under a temporary name, renamed into
+Files are written through :func:`numba_recon.evaluate.fsc.save_figure`: under a temporary name, renamed into
 place, and listed in the run's output manifest.
 
 The figures:
@@ -89,11 +89,9 @@ def _figure(width_in: float, height_in: float):
 
 
 def _save(fig, path: Path) -> Path:
-    # the report's writer: temporary name, rename, output manifest
-    from numba_recon.report import _savefig
+    from numba_recon.evaluate.fsc import save_figure
 
-    _savefig(fig, Path(path))
-    return Path(path)
+    return save_figure(fig, path, overwrite=True, dpi=DPI)
 
 
 def _map_extent(n: int, angpix: float) -> list[float]:

@@ -51,27 +51,6 @@ POSTPROCESS_DIR = "postprocess"
 PLOT_FILES = ("fsc.png", "loss.png", "slices.png", "projections.png", "directions.png", "scores.png")
 
 
-def _savefig(fig, path: Path) -> None:
-    from numba_recon.checkpoint import write_error
-
-    from numba_recon import manifest
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    manifest.note_temporary(tmp)  # the output manifest lists what a run writes
-    token = None
-    try:
-        fig.savefig(tmp, dpi=110)
-        token = manifest.record_write(path, source=tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        manifest.undo(token)
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, err) from None
-    finally:
-        manifest.discard_temporary(tmp)
-
-
 def filtered_average(half1: np.ndarray, half2: np.ndarray, fsc_curve: np.ndarray, resolution_angstrom: float,
                      pixel_size_angstrom: float) -> np.ndarray:
     """Average of the half maps, weighted per shell by ``sqrt(2 FSC / (1 + FSC))`` and low-pass

@@ -470,10 +470,11 @@ def _new_figure(width_in: float = 7.0, height_in: float = 4.6):
     return fig
 
 
-def save_figure(fig, path: str | os.PathLike, overwrite: bool = True) -> Path:
-    """Save a figure as PNG under a temporary name, then rename it onto ``path``."""
+def save_figure(fig, path: str | os.PathLike, overwrite: bool = True, dpi: int = 150) -> Path:
+    """Save a figure as PNG under a temporary name, then rename it onto ``path`` (listed in the
+    output manifest, as every :func:`~numba_recon.io.atomic_output` write)."""
     with atomic_output(path, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, format="png", dpi=150)
+        fig.savefig(tmp, format="png", dpi=dpi)
     return Path(path)
 
 

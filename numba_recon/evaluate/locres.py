@@ -49,7 +49,7 @@ import numba
 import numpy as np
 import scipy.fft
 
-from numba_recon.errors import InputError, OutputError
+from numba_recon.errors import InputError
 from numba_recon.evaluate.fsc import (_fft_workers, _new_figure, check_mask, check_volume, irfft3,
                                       last_shell_above, randomize_phases_from_ft, rfft3, save_figure, shell_index)
 from numba_recon.io import atomic_output
@@ -478,22 +478,9 @@ def check_locres_outputs(out_dir: str | os.PathLike, overwrite: bool) -> dict[st
     Raises :class:`OutputError` when the folder is a file or not writable, or when an output exists
     and ``overwrite`` is False, so that nothing is computed in vain.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError("output folder is an existing file", out, "choose another -o path")
-    targets = {name: out / name for name in LOCRES_FILES}
-    if not overwrite:
-        existing = [p for p in targets.values() if p.exists()]
-        if existing:
-            raise OutputError("output files exist", existing[0] if len(existing) == 1 else out,
-                              "pass --overwrite to replace them, or choose another -o folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create output folder ({err.strerror})", out, "choose a writable location") from None
-    if not os.access(out, os.W_OK):
-        raise OutputError("output folder is not writable", out, "choose a writable location")
-    return targets
+    from numba_recon.evaluate.postprocess import check_output_files
+
+    return check_output_files(out_dir, LOCRES_FILES, overwrite)
 
 
 def locres_summary(result: LocresResult, half1_path: str | os.PathLike, half2_path: str | os.PathLike,

@@ -465,8 +465,9 @@ def plot_guinier(result: PostprocessResult, path: str | os.PathLike, overwrite: 
     return save_figure(fig, path, overwrite)
 
 
-def check_postprocess_outputs(out_dir: str | os.PathLike, with_mask: bool, overwrite: bool) -> dict[str, Path]:
-    """Check (and create) the output folder and return the output paths by file name.
+def check_output_files(out_dir: str | os.PathLike, names: list[str] | tuple[str, ...],
+                       overwrite: bool) -> dict[str, Path]:
+    """Check (and create) an output folder for the files ``names`` and return their paths by name.
 
     Raises :class:`OutputError` when the folder is a file or not writable, or when an output exists
     and ``overwrite`` is False, so that nothing is computed or written in vain.
@@ -474,7 +475,6 @@ def check_postprocess_outputs(out_dir: str | os.PathLike, with_mask: bool, overw
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError("output folder is an existing file", out, "choose another -o path")
-    names = [f for f in POSTPROCESS_FILES if f != "postprocess_masked.mrc" or with_mask]
     targets = {name: out / name for name in names}
     if not overwrite:
         existing = [p for p in targets.values() if p.exists()]
@@ -488,6 +488,12 @@ def check_postprocess_outputs(out_dir: str | os.PathLike, with_mask: bool, overw
     if not os.access(out, os.W_OK):
         raise OutputError("output folder is not writable", out, "choose a writable location")
     return targets
+
+
+def check_postprocess_outputs(out_dir: str | os.PathLike, with_mask: bool, overwrite: bool) -> dict[str, Path]:
+    """:func:`check_output_files` for the post-processing files (the masked map only with a mask)."""
+    names = [f for f in POSTPROCESS_FILES if f != "postprocess_masked.mrc" or with_mask]
+    return check_output_files(out_dir, names, overwrite)
 
 
 def write_postprocess(result: PostprocessResult, out_dir: str | os.PathLike, half1_path: str | os.PathLike,
