@@ -48,7 +48,8 @@ class Checkpoint:
     volumes
         ``(2, N, N, N)`` float32 half maps.
     adam_m, adam_v
-        ``(2, N, N, N)`` float32 Adam moments; ``adam_t`` the Adam step count.
+        Adam moments, float32: the first ``(2, N, N, N)``, the second ``(2,)`` (one per half; checkpoints
+        of earlier versions hold ``(2, N, N, N)``); ``adam_t`` the Adam step count.
     arrays
         Other per-particle arrays (half split, cross-validation flags, robust weights...).
     config

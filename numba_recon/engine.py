@@ -159,6 +159,15 @@ class PassSums:
         return np.asarray(self.backend.to_host(self.total) if not self.on_host else self.total, dtype=np.float64)
 
 
+def _second_moment(v: np.ndarray) -> np.ndarray:
+    """A checkpoint's Adam second moment as ``(2,)`` float32. Checkpoints of earlier versions hold
+    one per voxel; their mean over the map is exactly the map-wide moment the step now keeps."""
+    v = np.asarray(v)
+    if v.ndim > 1:
+        v = v.reshape(len(v), -1).mean(axis=1, dtype=np.float64)
+    return v.astype(np.float32)
+
+
 @dataclass
 class DeviceStep:
     """The backend arrays of an adam run, allocated once and reused by every step.
@@ -170,8 +179,10 @@ class DeviceStep:
 
     Attributes
     ----------
-    params, grad, m, v
-        ``(2, N, N, N)`` float32: half maps, summed minibatch gradients, first and second moments.
+    params, grad, m
+        ``(2, N, N, N)`` float32: half maps, summed minibatch gradients, first moments.
+    v
+        ``(2,)`` float32: the second moment of each half.
     rotations
         ``(B, 3, 3)`` float32, the shard's poses (uploaded into ``[:b]`` each step).
     filters2, data, residual
@@ -205,7 +216,7 @@ class DeviceStep:
         shape = st.volumes.shape
         width, per_epoch = max(1, width), max(1, per_epoch)
         return cls(params=be.copy_into(be.zeros(shape), st.volumes), grad=be.zeros(shape),
-                   m=be.copy_into(be.zeros(shape), st.adam.m), v=be.copy_into(be.zeros(shape), st.adam.v),
+                   m=be.copy_into(be.zeros(shape), st.adam.m), v=be.copy_into(be.zeros(shape[:1]), st.adam.v),
                    rotations=be.zeros((width, 3, 3)), filters2=be.zeros((width, n, n)), data=be.zeros((width, n, n)),
                    residual=be.zeros((width, n, n)), data_norm2=be.zeros((width,)), weights=be.zeros((width,)),
                    ones=be.copy_into(be.zeros((width,)), np.ones(width, np.float32)),
@@ -397,7 +408,7 @@ class Reconstruction:
         if self.config.optimizer == "cg":
             return self._restore_cg(ckpt)
         return RunState(epoch=ckpt.epoch, step=ckpt.step, volumes=ckpt.volumes.astype(np.float32),
-                        adam=AdamState(ckpt.adam_m.astype(np.float32), ckpt.adam_v.astype(np.float32), ckpt.adam_t),
+                        adam=AdamState(ckpt.adam_m.astype(np.float32), _second_moment(ckpt.adam_v), ckpt.adam_t),
                         lr_abs=np.asarray(ckpt.state["lr_abs"], np.float64),
                         halves=ckpt.arrays["half_set"].astype(np.int8), cv=ckpt.arrays["cv"].astype(bool),
                         scores_prev=ckpt.arrays["scores_prev"].astype(np.float64),

@@ -109,7 +109,11 @@ def test_device_check_preamble_kernel_compiles():
 
 def test_optimiser_step_kernels_compile_in_float32(compiled):
     # the adam step runs on the device every minibatch: float32 throughout, nothing spilled
-    for name in ("adam", "scale_gradient"):
+    for name in ("adam", "scale_gradient", "adam_decay"):
         assert name in compiled["sm90"] and compiled["sm80_chars"][name] > 1000, name
         assert compiled["sm90"][name]["f64_ops"] == 0, name
         assert compiled["sm90"][name]["local_bytes"] == 0, name
+    # the second moment's sum of squares is float64 by design (one pass over the map per step),
+    # reduced in shared memory with one atomic add per block
+    square = compiled["sm90"]["adam_square"]
+    assert square["f64_ops"] > 0 and square["local_bytes"] == 0 and square["global_atomics"] >= 1

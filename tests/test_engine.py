@@ -158,6 +158,28 @@ def test_sigkill_and_resume_is_bitwise_identical(small_set, tmp_path):
     assert len(hist) == len(hist_ref) == 5
 
 
+def test_adam_resumes_a_checkpoint_with_a_second_moment_per_voxel(small_set, tmp_path):
+    """Checkpoints of earlier versions hold Adam's second moment per voxel; its mean over the map is
+    the one number per half the step keeps now, so such a run resumes where it stopped."""
+    from numba_recon.checkpoint import load_latest, save_checkpoint
+
+    common = [str(small_set), "--optimizer", "adam", "--epochs", "3", "--backend", "cpu", "--batch-size", "100",
+              "--seed", "5"]
+    ref = tmp_path / "ref"
+    assert _cli(["-q", "run", *common, "-o", str(ref)]).returncode == 0
+    out = tmp_path / "killed"
+    env = _env()
+    env["NUMBA_RECON_FAULT"] = "kill:epoch=2"
+    assert _cli(["-q", "run", *common, "-o", str(out)], env=env).returncode == -signal.SIGKILL
+    ckpt = load_latest(out)
+    assert ckpt.adam_v.shape == (2,) and (ckpt.adam_v > 0).all()
+    ckpt.adam_v = np.broadcast_to(ckpt.adam_v[:, None, None, None], ckpt.adam_m.shape).astype(np.float32)
+    save_checkpoint(out, ckpt)
+    res = _cli(["-q", "run", "--resume", str(out)])
+    assert res.returncode == 0, res.stderr
+    np.testing.assert_array_equal(_maps(out), _maps(ref))
+
+
 def test_kill_during_checkpoint_keeps_previous(small_set, tmp_path):
     out = tmp_path / "ck"
     env = _env()

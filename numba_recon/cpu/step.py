@@ -67,9 +67,12 @@ def adam_update(params: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarr
 
     Parameters
     ----------
-    params, grad, m, v
-        ``(k, N, N, N)`` float32: maps, gradients, first and second moments (``m`` and ``v`` are
-        updated in place; ``grad`` holds the gradient the step used on return).
+    params, grad, m
+        ``(k, N, N, N)`` float32: maps, gradients, first moments (``m`` is updated in place;
+        ``grad`` holds the gradient the step used on return).
+    v
+        ``(k,)`` float32, the second moment of each half (the running mean of ``grad**2`` over the
+        map; see :func:`numba_recon.step.adam_apply`), updated in place.
     lr
         Step size, a scalar or one per leading index ``(k,)``, in the units of ``params``.
     beta1, beta2, eps
@@ -81,8 +84,9 @@ def adam_update(params: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarr
         None when the caller has done that already (the host-side symmetry or preconditioner path).
     """
     _check_stack("params", params)
-    for name, a in (("grad", grad), ("m", m), ("v", v)):
+    for name, a in (("grad", grad), ("m", m)):
         _check_stack(name, a, params.shape)
+    _check_stack("v", v, params.shape[:1])
     if (scale is None) != (ridge is None):
         raise ValueError("scale and ridge: give both or neither")
     if scale is not None:

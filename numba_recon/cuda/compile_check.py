@@ -24,7 +24,7 @@ from numba_recon.cuda.elementwise import _fill_kernel, _residual_loss_kernel
 from numba_recon.cuda.fourier import _dft_stage_kernel
 from numba_recon.cuda.insert import _insert_kernel
 from numba_recon.cuda.project import _project_kernel
-from numba_recon.cuda.step import _adam_kernel, _scale_gradient_kernel
+from numba_recon.cuda.step import _adam_kernel, _decay_kernel, _scale_gradient_kernel, _scale_square_kernel
 
 _A1 = "float32[::1]"
 _A2 = "float32[:, ::1]"
@@ -39,7 +39,10 @@ KERNELS: dict[str, tuple[Any, str, bool]] = {
     "insert_weights": (_insert_kernel, f"void({_A3}, {_A3}, {_A3})", True),
     "fill": (_fill_kernel, f"void({_A1}, float32)", False),
     "scale_gradient": (_scale_gradient_kernel, f"void({_A1}, {_A1}, float32, float32)", False),
-    "adam": (_adam_kernel, f"void({_A1}, {_A1}, {_A1}, {_A1}, int32, {', '.join(['float32'] * 8)})", False),
+    "adam_decay": (_decay_kernel, f"void({_A1}, int32, float32)", False),
+    "adam_square": (_scale_square_kernel, f"void({_A1}, {_A1}, int32, float32, float32, {_A1}, int32, float64)",
+                    False),
+    "adam": (_adam_kernel, f"void({_A1}, {_A1}, {_A1}, {_A1}, int32, {', '.join(['float32'] * 4)})", False),
     "atomic_global_benchmark": (_atomic_global_kernel, f"void({_A1}, int64, int64)", False),
     "atomic_shared_benchmark": (_atomic_shared_kernel, f"void({_A1}, int64)", False),
 }

@@ -38,36 +38,64 @@ def _scale_gradient_kernel(g, p, scale, ridge):
             g[i] = g[i] * scale + ridge * p[i]
 
 
-@cuda.jit(cache=True)
-def _adam_kernel(p, g, m, v, apply_scale, scale, ridge, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size,
-                 eps_hat):
-    """One Adam step of one half map (1-D views), all in float32.
+#: Threads per block of the sum-of-squares kernel (a power of two).
+_SQ_THREADS = 128
 
-    With ``apply_scale`` the gradient is first ``scale * g + ridge * p`` (zero when ``scale == 0``)
-    and written back to ``g``. Then ``m = beta1 m + (1 - beta1) g``, ``v = beta2 v + (1 - beta2) g^2``
-    and ``p -= step_size * m / (sqrt(v) + eps_hat)``, where ``step_size`` and ``eps_hat`` carry
-    the bias corrections (:func:`numba_recon.step.adam_coefficients`).
+
+@cuda.jit(cache=True)
+def _decay_kernel(v, h, beta2):
+    """``v[h] *= beta2`` (one thread): the second moment's decay before this step's squares."""
+    if cuda.grid(1) == 0:
+        v[h] = v[h] * beta2
+
+
+@cuda.jit(cache=True)
+def _scale_square_kernel(g, p, apply_scale, scale, ridge, v, h, coef):
+    """Add ``coef * sum(g**2)`` of one half map (1-D views) to ``v[h]``.
+
+    With ``apply_scale`` the gradient is first ``scale * g + ridge * p`` (zero when
+    ``scale == 0``) and written back to ``g``. Squares are summed in float64 per block, then one
+    float32 atomic add per block.
     """
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
+    partial = cuda.shared.array(_SQ_THREADS, np.float64)
+    tid = cuda.threadIdx.x
     zero = np.float32(0.0)
-    for i in range(start, p.shape[0], stride):
-        x = p[i]
+    acc = np.float64(0.0)
+    for i in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
         gi = g[i]
         if apply_scale != 0:
             if scale == zero:
                 gi = zero
             else:
-                gi = gi * scale + ridge * x
+                gi = gi * scale + ridge * p[i]
             g[i] = gi
+        acc += np.float64(gi) * np.float64(gi)
+    partial[tid] = acc
+    cuda.syncthreads()
+    width = _SQ_THREADS // 2
+    while width > 0:
+        if tid < width:
+            partial[tid] += partial[tid + width]
+        cuda.syncthreads()
+        width //= 2
+    if tid == 0:
+        cuda.atomic.add(v, h, np.float32(partial[0] * coef))
+
+
+@cuda.jit(cache=True)
+def _adam_kernel(p, g, m, v, h, beta1, one_minus_beta1, step_size, eps_hat):
+    """One Adam step of one half map (1-D views), all in float32.
+
+    ``m = beta1 m + (1 - beta1) g`` and ``p -= step_size * m / (sqrt(v[h]) + eps_hat)``, where
+    ``v[h]`` is the half's second moment (already updated) and ``step_size`` and ``eps_hat``
+    carry the bias corrections (:func:`numba_recon.step.adam_coefficients`).
+    """
+    denom = np.float32(math.sqrt(v[h])) + eps_hat
+    for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
         mi = m[i] * beta1
-        mi = mi + one_minus_beta1 * gi
-        vi = v[i] * beta2
-        vi = vi + one_minus_beta2 * (gi * gi)
+        mi = mi + one_minus_beta1 * g[i]
         m[i] = mi
-        v[i] = vi
-        denom = np.float32(math.sqrt(vi)) + eps_hat
-        p[i] = x - step_size * mi / denom
+        p[i] = p[i] - step_size * mi / denom
 
 
 def _blocks(size: int) -> int:
@@ -120,11 +148,17 @@ def adam_update(params: Any, grad: Any, m: Any, v: Any, lr: Any, beta1: float, b
                 scale: Any = None, ridge: Any = None) -> None:
     """One Adam step of ``params`` in place, on the device (asynchronous).
 
+    Three launches per half: the second moment's decay, the (scaled) gradient's sum of squares
+    into it, and the step (see :func:`numba_recon.step.adam_apply` for why the second moment is
+    one number per half).
+
     Parameters
     ----------
-    params, grad, m, v
-        ``(k, N, N, N)`` float32 device arrays: maps, gradients, first and second moments (``m``
-        and ``v`` are updated in place; ``grad`` holds the gradient the step used on return).
+    params, grad, m
+        ``(k, N, N, N)`` float32 device arrays: maps, gradients, first moments (``m`` is updated
+        in place; ``grad`` holds the gradient the step used on return).
+    v
+        ``(k,)`` float32 device array, the second moment of each half, updated in place.
     lr
         Step size, a scalar or one per leading index ``(k,)``, in the units of ``params``.
     beta1, beta2, eps
@@ -137,8 +171,9 @@ def adam_update(params: Any, grad: Any, m: Any, v: Any, lr: Any, beta1: float, b
     """
     _check_stack("params", params)
     shape = tuple(params.shape)
-    for name, a in (("grad", grad), ("m", m), ("v", v)):
+    for name, a in (("grad", grad), ("m", m)):
         _check_stack(name, a, shape)
+    _check_stack("v", v, shape[:1])
     if (scale is None) != (ridge is None):
         raise ValueError("scale and ridge: give both or neither")
     k = shape[0]
@@ -148,14 +183,18 @@ def adam_update(params: Any, grad: Any, m: Any, v: Any, lr: Any, beta1: float, b
     step_size, eps_hat = adam_coefficients(int(t), lr, beta1, beta2, eps)
     step_size = np.broadcast_to(step_size, (k,))
     b1, b2 = np.float32(beta1), np.float32(beta2)
-    # the numpy step multiplies by the Python floats 1 - beta, which become float32 there
-    omb1, omb2 = np.float32(1.0 - beta1), np.float32(1.0 - beta2)
+    # the numpy step multiplies by the Python float 1 - beta1, which becomes float32 there
+    omb1 = np.float32(1.0 - beta1)
     for h in range(k):
         p = _flat(params[h])
         if p.shape[0] == 0:
             continue
-        _adam_kernel[_blocks(p.shape[0]), _THREADS](p, _flat(grad[h]), _flat(m[h]), _flat(v[h]), apply_scale,
-                                                    scale[h], ridge[h], b1, omb1, b2, omb2,
+        g = _flat(grad[h])
+        coef = np.float64(np.float32(1.0 - beta2)) / p.shape[0]
+        _decay_kernel[1, 1](v, np.int32(h), b2)
+        _scale_square_kernel[_blocks(p.shape[0]), _SQ_THREADS](g, p, apply_scale, scale[h], ridge[h], v,
+                                                               np.int32(h), coef)
+        _adam_kernel[_blocks(p.shape[0]), _THREADS](p, g, _flat(m[h]), v, np.int32(h), b1, omb1,
                                                     np.float32(step_size[h]), np.float32(eps_hat))
 
 
