@@ -36,12 +36,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import scipy.fft
 
-from numba_recon.ctf import ctf_images
+# the per-image preparation is the CPU backend's prepare_particles; its helpers are re-exported here
+from numba_recon.cpu.prepare import background_means, rfft_half, shift_phase  # noqa: F401
+from numba_recon.cpu.prepare import ctf_parameters, prepare_particles
 from numba_recon.io.names import HOLDOUT_SALT, image_keys, keyed_half_sets, order_by_key
 from numba_recon.particles import ParticleSet
-from numba_recon.threads import fft_workers
 
 log = logging.getLogger(__name__)
 
@@ -114,49 +114,11 @@ def batch_chunks(index: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [index[start:start + batch_size] for start in range(0, index.size, max(1, int(batch_size)))]
 
 
-def shift_phase(box_size: int, shifts_px: np.ndarray) -> np.ndarray:
-    """Fourier phase ramps that move image content by ``+shift``: ``exp(-2 pi i k.s / N)``.
-
-    ``shifts_px (b, 2)`` as ``(x, y)``; returns ``(b, N, N//2+1)`` complex64 in ``rfft2`` layout.
-    """
-    n = box_size
-    ky = np.fft.fftfreq(n) * n
-    kx = np.fft.rfftfreq(n) * n
-    s = np.asarray(shifts_px, dtype=np.float64)
-    # the ramp is separable: two small exponentials per image and an outer product
-    ramp_x = np.exp(-2j * np.pi / n * kx[None, :] * s[:, 0, None])
-    ramp_y = np.exp(-2j * np.pi / n * ky[None, :] * s[:, 1, None])
-    return (ramp_y[:, :, None] * ramp_x[:, None, :]).astype(np.complex64)
-
-
-def rfft_half(full: np.ndarray) -> np.ndarray:
-    """The ``rfft2`` layout ``(b, N, N//2 + 1)`` of filters given on the full ``fft2`` grid ``(b, N, N)``.
-
-    Columns ``0 .. N//2`` are shared, except the Nyquist column of an even box: ``rfftfreq`` puts
-    it at ``+1/2`` and ``fftfreq`` at ``-1/2``, and ``H(+1/2, k_y) = H(-1/2, -k_y)`` for the CTF
-    (even in ``k``), so that column is read from the mirrored rows. Only its corner
-    ``(+1/2, -1/2)`` has no mirror on the full grid; the caller sets it. Evaluating the CTF once on
-    the full grid halves the cost of preparing a particle.
-    """
-    n = full.shape[-1]
-    half = np.array(full[..., : n // 2 + 1])
-    if n % 2 == 0:
-        mirror = (-np.arange(n)) % n
-        half[..., :, n // 2] = full[..., mirror, n // 2]
-    return half
-
-
 def background_mask(box_size: int, radius_fraction: float = 0.85) -> np.ndarray:
     """Pixels outside a centred disc of ``radius_fraction * N/2``: where noise is measured."""
     c = box_size // 2
     y, x = np.mgrid[:box_size, :box_size]
     return (x - c) ** 2 + (y - c) ** 2 > (radius_fraction * box_size / 2) ** 2
-
-
-def background_means(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean of each image over the background pixels ``mask (N, N)``: ``images (b, N, N)`` -> ``(b,)`` float64."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        return images[:, mask].mean(axis=1, dtype=np.float64)
 
 
 @dataclass
@@ -315,6 +277,32 @@ class PreparedData:
     rotations: np.ndarray
 
 
+@dataclass
+class RawData:
+    """Per-particle inputs of the preparation done on the device (the backend's
+    ``prepare_particles``), host side: what :class:`BatchLoader` gives with ``raw=True``.
+
+    Attributes
+    ----------
+    images
+        ``(b, N, N)`` float32, the pixels as read.
+    ctf_params
+        ``(b, 9)`` float64 in the column order of :data:`numba_recon.cpu.prepare.CTF_COLUMNS`.
+    shifts_px
+        ``(b, 2)`` float64, ``(x, y)``.
+    premultiplied
+        ``(b,)`` bool, images already multiplied by their CTF.
+    rotations
+        ``(b, 3, 3)`` float32.
+    """
+
+    images: np.ndarray
+    ctf_params: np.ndarray
+    shifts_px: np.ndarray
+    premultiplied: np.ndarray
+    rotations: np.ndarray
+
+
 #: Batches the background reader prepares ahead of the consumer, the one it is computing included:
 #: two is double buffering (one waits while the next is prepared), and memory holds the cache plus
 #: this many batches.
@@ -363,7 +351,7 @@ class ReadAhead:
         self._batches: list[tuple[np.ndarray, dict[str, str]]] = []
         self._base = 0
         #: finished batches the consumer has not taken: position -> (prepared, exception)
-        self._results: dict[int, tuple[PreparedData | None, BaseException | None]] = {}
+        self._results: dict[int, tuple[PreparedData | RawData | None, BaseException | None]] = {}
         self._consumed = 0  # batches before this position were taken or skipped
         self._produced = 0  # batches before this position were started by the reader
         self._stopped = False
@@ -417,7 +405,7 @@ class ReadAhead:
             self._cond.notify_all()
             return True
 
-    def take(self, index: np.ndarray) -> PreparedData | None:
+    def take(self, index: np.ndarray) -> PreparedData | RawData | None:
         """The prepared batch ``index`` if it was announced (waiting for the reader if needed), or
         None: the caller prepares it itself. Announced batches before it are dropped (the consumer
         skipped them). Raises the reader's exception for the batch that raised it."""
@@ -486,8 +474,8 @@ class ReadAhead:
                     return
                 try:
                     with np.errstate(**errstate):
-                        result: tuple[PreparedData | None, BaseException | None] = (loader._assemble(index, reader),
-                                                                                   None)
+                        result: tuple[PreparedData | RawData | None, BaseException | None] = (
+                            loader._assemble(index, reader), None)
                 except BaseException as err:  # noqa: BLE001 - handed to the consumer, who raises it
                     result = (None, err)
                 del loader
@@ -545,16 +533,25 @@ class BatchLoader:
     prefetch
         Batches prepared ahead by the background reader (0: no reader, :meth:`schedule` does nothing;
         default :data:`PREFETCH_DEPTH`, read when the loader is made).
+    raw
+        Give :class:`RawData` (the images as read and their parameters) instead of
+        :class:`PreparedData`, for a backend that prepares particles on the device: the reader then
+        only reads, and the cache keeps images (``N^2`` float32 a row, half a prepared row).
     """
 
     #: the per-row arrays of :class:`PreparedData` that are prepared (and cached); rotations are read
     _KEYS = ("data", "filters2", "data_norm2", "noise_var")
+    #: the per-row arrays of :class:`RawData` that are read (and cached); the parameters are looked up
+    _RAW_KEYS = ("images",)
 
-    def __init__(self, particles: ParticleSet, cache_bytes: int = 1 << 30, prefetch: int | None = None) -> None:
+    def __init__(self, particles: ParticleSet, cache_bytes: int = 1 << 30, prefetch: int | None = None,
+                 raw: bool = False) -> None:
         self.particles = particles
         self.n = len(particles)
         self.box = particles.box_size
-        self.row_bytes = 2 * self.box * self.box * 4 + 16
+        self.raw = bool(raw)
+        self._keys = self._RAW_KEYS if self.raw else self._KEYS
+        self.row_bytes = self.box * self.box * 4 if self.raw else 2 * self.box * self.box * 4 + 16
         self.cache_rows = min(self.n, max(0, int(cache_bytes // self.row_bytes)))
         self.prefetch = max(0, int(PREFETCH_DEPTH if prefetch is None else prefetch))
         self._cache: dict[str, np.ndarray] | None = None
@@ -601,13 +598,19 @@ class BatchLoader:
         return self._read_ahead is not None and self._read_ahead.active
 
     @property
+    def background_mask(self) -> np.ndarray:
+        """``(N, N)`` bool: the pixels where the background (mean, noise) is measured."""
+        return self._bg
+
+    @property
     def cached_rows(self) -> int:
         """Rows in the cache now (at most :attr:`cache_rows`)."""
         return self._used
 
-    def prepare(self, index: np.ndarray) -> PreparedData:
+    def prepare(self, index: np.ndarray) -> PreparedData | RawData:
         """Prepared arrays for the particles at positions ``index (b,)`` (in that order): the
-        read-ahead result when ``index`` was announced by :meth:`schedule`, else prepared here."""
+        read-ahead result when ``index`` was announced by :meth:`schedule`, else prepared here
+        (:class:`RawData` for a ``raw`` loader)."""
         index = np.asarray(index, dtype=np.int64)
         current = self._read_ahead
         if current is not None:
@@ -649,18 +652,28 @@ class BatchLoader:
         where[order] = np.arange(rows.size)
         pick = where[inverse]  # position in ``rows`` of each missing entry of ``index``
         arrays = {}
-        for key in self._KEYS:
+        for key in self._keys:
             computed = getattr(fresh, key)
             arrays[key] = target = np.empty((index.size,) + computed.shape[1:], computed.dtype)
             target[~hit] = computed[pick]
             if hit.any():  # a slot >= 0 means the cache exists and the row is written
                 target[hit] = self._cache[key][slots[hit]]
-        return PreparedData(**arrays, rotations=self._rotations(index))
+        return self._wrap(arrays, index)
 
-    def _gather(self, index: np.ndarray, slots: np.ndarray) -> PreparedData:
+    def _gather(self, index: np.ndarray, slots: np.ndarray) -> PreparedData | RawData:
         c = self._cache
         assert c is not None
-        return PreparedData(**{key: c[key][slots] for key in self._KEYS}, rotations=self._rotations(index))
+        return self._wrap({key: c[key][slots] for key in self._keys}, index)
+
+    def _wrap(self, arrays: dict[str, np.ndarray], index: np.ndarray) -> PreparedData | RawData:
+        """The per-row ``arrays`` of the rows ``index``, with what is looked up rather than kept."""
+        if not self.raw:
+            return PreparedData(**arrays, rotations=self._rotations(index))
+        p = self.particles
+        return RawData(images=arrays["images"], ctf_params=ctf_parameters(p.ctf, index),
+                       shifts_px=np.ascontiguousarray(p.shifts_px[index], dtype=np.float64),
+                       premultiplied=np.ascontiguousarray(p.ctf_premultiplied[index], dtype=bool),
+                       rotations=self._rotations(index))
 
     def _admit(self, rows: np.ndarray, fresh: PreparedData) -> None:
         """Keep the first of ``rows`` (prepared as ``fresh``) that are not cached, while there is room."""
@@ -672,10 +685,9 @@ class BatchLoader:
             if not new.size:
                 return
             if self._cache is None:
-                k, box = self.cache_rows, self.box
-                self._cache = {"data": np.empty((k, box, box), np.float32),
-                               "filters2": np.empty((k, box, box), np.float32),
-                               "data_norm2": np.empty(k, np.float32), "noise_var": np.empty(k, np.float32)}
+                k = self.cache_rows
+                self._cache = {key: np.empty((k,) + getattr(fresh, key).shape[1:], getattr(fresh, key).dtype)
+                               for key in self._keys}
             slots = np.arange(self._used, self._used + new.size)
             for key, array in self._cache.items():
                 array[slots] = getattr(fresh, key)[new]
@@ -685,12 +697,14 @@ class BatchLoader:
     def _rotations(self, index: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self.particles.rotations[index], dtype=np.float32)
 
-    def _compute(self, index: np.ndarray, reader: Any = None) -> PreparedData:
+    def _compute(self, index: np.ndarray, reader: Any = None) -> PreparedData | RawData:
         """Prepare the rows ``index (b,)`` from their images, read in one go and prepared
-        :data:`PREP_CHUNK_BYTES` at a time."""
+        :data:`PREP_CHUNK_BYTES` at a time (a ``raw`` loader only reads them)."""
         box = self.box
         b = index.size
         images = self.particles.read_images(index, reader).astype(np.float32, copy=False)
+        if self.raw:
+            return self._wrap({"images": np.ascontiguousarray(images)}, index)
         data = np.empty((b, box, box), np.float32)
         filters2 = np.empty((b, box, box), np.float32)
         norm2 = np.empty(b, np.float32)
@@ -709,27 +723,12 @@ class BatchLoader:
         from their images ``(c, N, N)`` float32. Every step is per image, so a row comes out the same
         in any chunk."""
         p = self.particles
-        box = self.box
-        with np.errstate(over="ignore", invalid="ignore"):  # overflowing images are refused by the survey
-            images = images - background_means(images, self._bg)[:, None, None].astype(np.float32)
-        ctf_full = ctf_images({k: v[index] for k, v in p.ctf.items()}, box, p.pixel_size_angstrom, half=False)
-        ctf_half = rfft_half(ctf_full)
-        if box % 2 == 0:  # (+1/2, -1/2) is the one half-grid frequency the full grid lacks
-            corner = {k: v[index] for k, v in p.ctf.items()}
-            ctf_half[:, box // 2, box // 2] = ctf_images(corner, 2, p.pixel_size_angstrom, half=True)[:, 1, 1]
-        premult = p.ctf_premultiplied[index]
-        h_half = np.where(premult[:, None, None], ctf_half * ctf_half, ctf_half)
-        h_full = np.where(premult[:, None, None], ctf_full * ctf_full, ctf_full)
-        spectrum = scipy.fft.rfft2(images, workers=fft_workers()) * shift_phase(box, p.shifts_px[index])
-        shifted = scipy.fft.irfft2(spectrum, s=(box, box), workers=fft_workers())
-        data[:] = scipy.fft.irfft2(spectrum * h_half, s=(box, box), workers=fft_workers()).astype(np.float32)
-        with np.errstate(over="ignore", invalid="ignore"):  # overflowing images are refused by the caller
-            norm2[:] = np.einsum("bij,bij->b", shifted, shifted, dtype=np.float64).astype(np.float32)
-        bg = images[:, self._bg]
-        with np.errstate(over="ignore", invalid="ignore"):
-            noise_var[:] = bg.var(axis=1, dtype=np.float64).astype(np.float32)
-        filters2[:] = (h_full * h_full).astype(np.float32, copy=False)
+        prepare_particles(np.ascontiguousarray(images, dtype=np.float32), ctf_parameters(p.ctf, index),
+                          np.ascontiguousarray(p.shifts_px[index], dtype=np.float64),
+                          np.ascontiguousarray(p.ctf_premultiplied[index], dtype=bool), p.pixel_size_angstrom,
+                          self._bg, data, filters2, norm2, noise_var)
 
     def describe(self) -> dict[str, Any]:
-        return {"particles": self.n, "box": self.box, "cached": self.cache_rows >= self.n,
+        return {"particles": self.n, "box": self.box, "prepared_on": "device" if self.raw else "host",
+                "cached": self.cache_rows >= self.n,
                 "cache_rows": self.cache_rows, "cached_rows": self._used, "prefetch": self.prefetch}

@@ -12,6 +12,8 @@ from numba_recon.loss import canonical_loss
 
 #: Solvers ``run`` offers.
 OPTIMIZERS = ("cg", "adam")
+#: Where particles are prepared (``--prepare-on``).
+PREPARE_ON = ("auto", "host", "device")
 #: Seeds are stored as signed 64-bit integers (checkpoints, summaries).
 MAX_SEED = 2**63 - 1
 
@@ -95,7 +97,12 @@ class RunConfig:
     radius_px
         Support radius of the map in pixels (None: ``N // 2 - 1``).
     cache_mb
-        Memory for prepared particles; beyond it they are prepared again at every use.
+        Memory for particles kept between passes (prepared rows, or rows as read when they are
+        prepared on the device); beyond it they are read (and prepared) again at every use.
+    prepare_on
+        ``"host"``: particles get their CTF and shift in numpy on the host (in a background
+        thread); ``"device"``: the backend's ``prepare_particles`` does it where the operator runs;
+        ``"auto"``: device for the CUDA backend, host for the CPU.
     """
 
     particles: str
@@ -129,6 +136,7 @@ class RunConfig:
     truth: str | None = None
     radius_px: float | None = None
     cache_mb: float = 2048.0
+    prepare_on: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(option: str, problem: str, fix: str) -> InputError:
@@ -183,6 +191,9 @@ class RunConfig:
         if not _finite_at_least(self.cache_mb, 0.0):
             raise bad("--cache-mb", f"must be a finite number >= 0 (got {self.cache_mb})",
                       "give the memory in MB, or 0 to disable caching")
+        if self.prepare_on not in PREPARE_ON:
+            raise bad("--prepare-on", f"must be one of {', '.join(PREPARE_ON)} (got {self.prepare_on!r})",
+                      "auto picks the device for --backend cuda")
         if self.angpix is not None and not _finite_at_least(self.angpix, 0.0, strict=True):
             raise bad("--angpix", f"must be a finite positive number (got {self.angpix})",
                       "give the pixel size in Angstrom")

@@ -159,6 +159,36 @@ class PassSums:
         return np.asarray(self.backend.to_host(self.total) if not self.on_host else self.total, dtype=np.float64)
 
 
+@dataclass
+class Batch:
+    """One batch of ``b`` particles ready for the operator (:meth:`Reconstruction._prepared`).
+
+    Attributes
+    ----------
+    data, filters2
+        ``(b, N, N)`` float32 ``H T^-1 b`` and ``H^2``: backend arrays when prepared on the device,
+        host arrays otherwise (the backend's ``to_device``/``copy_into`` take either).
+    data_norm2_dev
+        ``(b,)`` float32 ``||T^-1 b||^2``, where ``data`` is.
+    data_norm2, noise_var
+        ``(b,)`` float32 host copies of the norms and the noise variances, or None where the caller
+        asked for them to stay on the device.
+    rotations
+        ``(b, 3, 3)`` float32, host.
+    """
+
+    data: Any
+    filters2: Any
+    data_norm2_dev: Any
+    data_norm2: np.ndarray | None
+    noise_var: np.ndarray | None
+    rotations: np.ndarray
+
+
+#: The noise variance is floored here (an image with a constant background).
+MIN_NOISE_VAR = np.float32(1e-12)
+
+
 def _second_moment(v: np.ndarray) -> np.ndarray:
     """A checkpoint's Adam second moment as ``(2,)`` float32. Checkpoints of earlier versions hold
     one per voxel; their mean over the map is exactly the map-wide moment the step now keeps."""
@@ -192,6 +222,13 @@ class DeviceStep:
     losses, energy
         ``(P,)`` float32: per-particle losses and model energies of the epoch, in processing
         order, left on the device and copied to the host once at the end of the epoch.
+    images, ctf_params, shifts_px, premultiplied
+        With particles prepared on the device (else None): the shard's raw images ``(B, N, N)``
+        float32, CTF parameters ``(B, 9)`` float64, shifts ``(B, 2)`` float64 and flags ``(B,)``
+        uint8, the inputs of the backend's ``prepare_particles``.
+    norm2_epoch, noise_epoch
+        With particles prepared on the device (else None): ``(P,)`` float32 image norms and noise
+        variances of the epoch, written by ``prepare_particles`` beside the losses.
     """
 
     params: Any
@@ -207,15 +244,29 @@ class DeviceStep:
     ones: Any
     losses: Any
     energy: Any
+    images: Any = None
+    ctf_params: Any = None
+    shifts_px: Any = None
+    premultiplied: Any = None
+    norm2_epoch: Any = None
+    noise_epoch: Any = None
 
     @classmethod
-    def allocate(cls, backend: Any, st: RunState, n: int, width: int, per_epoch: int) -> "DeviceStep":
+    def allocate(cls, backend: Any, st: RunState, n: int, width: int, per_epoch: int,
+                 raw: bool = False) -> "DeviceStep":
         """Buffers for maps of box ``n``, shards of up to ``width`` particles and ``per_epoch``
-        particles an epoch; the maps and moments start as ``st``'s."""
+        particles an epoch (with ``raw``, the inputs of ``prepare_particles`` too); the maps and
+        moments start as ``st``'s."""
         be = backend
         shape = st.volumes.shape
         width, per_epoch = max(1, width), max(1, per_epoch)
-        return cls(params=be.copy_into(be.zeros(shape), st.volumes), grad=be.zeros(shape),
+        raw_buffers = {}
+        if raw:
+            raw_buffers = dict(images=be.zeros((width, n, n)), ctf_params=be.zeros((width, 9), np.float64),
+                               shifts_px=be.zeros((width, 2), np.float64),
+                               premultiplied=be.zeros((width,), np.uint8), norm2_epoch=be.zeros((per_epoch,)),
+                               noise_epoch=be.zeros((per_epoch,)))
+        return cls(**raw_buffers, params=be.copy_into(be.zeros(shape), st.volumes), grad=be.zeros(shape),
                    m=be.copy_into(be.zeros(shape), st.adam.m), v=be.copy_into(be.zeros(shape[:1]), st.adam.v),
                    rotations=be.zeros((width, 3, 3)), filters2=be.zeros((width, n, n)), data=be.zeros((width, n, n)),
                    residual=be.zeros((width, n, n)), data_norm2=be.zeros((width,)), weights=be.zeros((width,)),
@@ -277,7 +328,11 @@ class Reconstruction:
 
             find_truth(config.particles, self.box, self.angpix, config.truth)  # so does a truth that does not fit
         self.background = self._survey_images()
-        self.loader = BatchLoader(self.particles, cache_bytes=int(config.cache_mb * 2**20))
+        #: particles get their CTF and shift where the operator runs (``--prepare-on``)
+        self.prepare_on_device = config.prepare_on == "device" or (config.prepare_on == "auto"
+                                                                    and self.backend.name == "cuda")
+        self.loader = BatchLoader(self.particles, cache_bytes=int(config.cache_mb * 2**20), raw=self.prepare_on_device)
+        self._device_constants: dict[str, Any] = {}
         self.schedule = RobustSchedule(loss=config.loss, keep_start=config.keep_start, keep_end=config.keep_end,
                                        warmup_epochs=config.robust_warmup, power=config.reweight_power,
                                        epochs=config.epochs)
@@ -374,6 +429,13 @@ class Reconstruction:
                                 res, loss)
             be.weighted_backproject(res, rot, be.to_device(np.ones(1, np.float32)), 1.0, vol)
             be.insert_weights(rot, img, vol)
+            be.weight_filters(img, be.zeros((n, n)), be.zeros((1,)), img)
+            # defocus 1 um, 300 kV, Cs 2.7 mm, amplitude contrast 0.1 (CTF_COLUMNS order)
+            ctf = np.array([[1e4, 1e4, 0.0, 300.0, 2.7, 0.1, 0.0, 0.0, 1.0]])
+            be.prepare_particles(img, be.to_device(ctf, None), be.to_device(np.zeros((1, 2)), None),
+                                 be.to_device(np.zeros(1, np.uint8), None),
+                                 1.0, be.to_device(np.ones((n, n), np.uint8), None), res, be.zeros((1, n, n)),
+                                 be.zeros((1,)), be.zeros((1,)))
             be.synchronize()
 
         if self.comm.size > 1:
@@ -483,9 +545,10 @@ class Reconstruction:
         n = self.box
         grad = be.zeros((n, n, n))
         if local.size:
-            prep = self.loader.prepare(local)
+            prep = self._prepared(local, scalars="none")
             rot = be.to_device(prep.rotations)
-            be.weighted_backproject(be.to_device(-prep.data), rot, be.to_device(np.ones(local.size, np.float32)),
+            # weights of -1: the back-projection of -data, bit for bit, without negating on the host
+            be.weighted_backproject(be.to_device(prep.data), rot, be.to_device(np.full(local.size, -1, np.float32)),
                                     self.radius, grad)
         self.comm.allreduce_sum_(grad)  # on the device where MPI is CUDA-aware
         g = be.to_host(grad).astype(np.float32)
@@ -504,19 +567,75 @@ class Reconstruction:
         alpha = gg / (2.0 * energy)
         return (-alpha * g).astype(np.float32)
 
+    # ------------------------------------------------------------------ one batch
+    def _device_constant(self, name: str, make: Any, dtype: Any = np.float32) -> Any:
+        """A backend copy of the host array ``make()``, made once per run."""
+        if name not in self._device_constants:
+            self._device_constants[name] = self.backend.to_device(make(), dtype)
+        return self._device_constants[name]
+
+    def _prepared(self, part: np.ndarray, buffers: "DeviceStep | None" = None, offset: int = 0,
+                  scalars: str = "both") -> Batch:
+        """The particles ``part (b,)`` ready for the operator.
+
+        Prepared on the host (the loader's arrays, cached or read ahead), or on the device: the
+        loader gives the images as read, and the backend's ``prepare_particles`` computes the
+        CTFs, the shifted and filtered images, the norms and the noise variances there. With
+        ``buffers`` (an adam run) the device inputs and outputs are the reused buffers, the norms
+        and noise variances at ``[offset:offset + b]`` of the epoch's arrays. ``scalars`` says which
+        ``(b,)`` host copies the caller needs from the device: ``"both"``, ``"norm2"`` or ``"none"``
+        (host-prepared batches always have both).
+        """
+        prep = self.loader.prepare(part)
+        if not self.prepare_on_device:
+            return Batch(prep.data, prep.filters2, prep.data_norm2, prep.data_norm2, prep.noise_var, prep.rotations)
+        be = self.backend
+        b, n = part.size, self.box
+        if buffers is not None:
+            images = be.copy_into(buffers.images[:b], prep.images)
+            ctf = be.copy_into(buffers.ctf_params[:b], prep.ctf_params)
+            shifts = be.copy_into(buffers.shifts_px[:b], prep.shifts_px)
+            premultiplied = be.copy_into(buffers.premultiplied[:b], prep.premultiplied.astype(np.uint8))
+            data, filters2 = buffers.data[:b], buffers.filters2[:b]
+            norm2, noise = buffers.norm2_epoch[offset:offset + b], buffers.noise_epoch[offset:offset + b]
+        else:
+            images = be.to_device(prep.images)
+            ctf = be.to_device(prep.ctf_params, None)
+            shifts = be.to_device(prep.shifts_px, None)
+            premultiplied = be.to_device(prep.premultiplied.astype(np.uint8), None)
+            data, filters2, norm2, noise = be.zeros((b, n, n)), be.zeros((b, n, n)), be.zeros((b,)), be.zeros((b,))
+        mask = self._device_constant("background_mask", lambda: self.loader.background_mask.astype(np.uint8), None)
+        be.prepare_particles(images, ctf, shifts, premultiplied, self.particles.pixel_size_angstrom, mask, data,
+                             filters2, norm2, noise)
+        norm2_host = np.asarray(be.to_host(norm2), np.float32) if scalars in ("both", "norm2") else None
+        noise_host = (np.maximum(np.asarray(be.to_host(noise), np.float32), MIN_NOISE_VAR) if scalars == "both"
+                      else None)
+        return Batch(data, filters2, norm2, norm2_host, noise_host, prep.rotations)
+
+    def _insert_input(self, prep: Batch, t2: np.ndarray, w: np.ndarray) -> Any:
+        """``filters2 T^2 w`` per particle, the weights :func:`insert_weights` grids: on the host, or
+        on the device in place of ``prep.filters2`` (which the batch no longer needs)."""
+        be = self.backend
+        w32 = w.astype(np.float32)
+        if not self.prepare_on_device:
+            return be.to_device(prep.filters2 * t2[None] * w32[:, None, None])
+        plane = self._device_constant("splat_transfer2", lambda: t2)
+        be.weight_filters(prep.filters2, plane, be.to_device(w32), prep.filters2)
+        return prep.filters2
+
     # ------------------------------------------------------------------ one epoch
     def _forward(self, part: np.ndarray, volume_dev: Any) -> tuple[Any, Any, Any, np.ndarray, np.ndarray]:
         """The forward stage for the particles ``part``: prepared data, device rotations and
         residuals, and host ``(b,)`` losses and scores."""
         be = self.backend
         b, n = part.size, self.box
-        prep = self.loader.prepare(part)
+        prep = self._prepared(part)
         rot = be.to_device(prep.rotations)
         resid = be.zeros((b, n, n))
         losses_dev = be.zeros((b,))
         energy_dev = be.zeros((b,))
         be.forward_residual(volume_dev, rot, be.to_device(prep.filters2), be.to_device(prep.data),
-                            be.to_device(prep.data_norm2), self.radius, resid, losses_dev, energy_dev)
+                            be.to_device(prep.data_norm2_dev), self.radius, resid, losses_dev, energy_dev)
         losses = be.to_host(losses_dev).astype(np.float64)
         return prep, rot, resid, losses, particle_scores(losses, prep.data_norm2, be.to_host(energy_dev))
 
@@ -533,7 +652,8 @@ class Reconstruction:
         The gradient ``sum 2 w_i P_i^T r_i`` is accumulated into ``grad_dev`` ``(N, N, N)``.
 
         Returns the shard's host ``(b,)`` noise variances and image norms (what turns the losses
-        into scores and noise-normalised losses at the end of the epoch).
+        into scores and noise-normalised losses at the end of the epoch), or None for either that
+        stayed on the device (``buffers.noise_epoch``, ``buffers.norm2_epoch``).
         """
         be = self.backend
         b = local.size
@@ -541,15 +661,20 @@ class Reconstruction:
             if weights_fn is not None:
                 weights_fn(np.zeros(0))  # a collective on every rank, even one without particles
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        prep = self.loader.prepare(local)
+        # on the device, the norms and noise variances stay in the epoch's arrays beside the losses;
+        # a robust loss needs the norms for its scores now
+        prep = self._prepared(local, buffers, offset, scalars="none" if weights_fn is None else "norm2")
         rot = be.copy_into(buffers.rotations[:b], prep.rotations)
         resid = buffers.residual[:b]
         losses_dev = buffers.losses[offset:offset + b]
         energy_dev = buffers.energy[offset:offset + b]
-        be.forward_residual(volume_dev, rot, be.copy_into(buffers.filters2[:b], prep.filters2),
-                            be.copy_into(buffers.data[:b], prep.data),
-                            be.copy_into(buffers.data_norm2[:b], prep.data_norm2), self.radius, resid, losses_dev,
-                            energy_dev)
+        if self.prepare_on_device:  # prepared into the buffers
+            filters2, data, norm2 = prep.filters2, prep.data, prep.data_norm2_dev
+        else:
+            filters2 = be.copy_into(buffers.filters2[:b], prep.filters2)
+            data = be.copy_into(buffers.data[:b], prep.data)
+            norm2 = be.copy_into(buffers.data_norm2[:b], prep.data_norm2)
+        be.forward_residual(volume_dev, rot, filters2, data, norm2, self.radius, resid, losses_dev, energy_dev)
         if weights_fn is None:
             weights = buffers.ones[:b]
         else:
@@ -782,7 +907,14 @@ class Reconstruction:
         if offset:
             losses_all = np.asarray(be.to_host(dev.losses[:offset]), dtype=np.float64)
             energy_all = np.asarray(be.to_host(dev.energy[:offset]))
+            if self.prepare_on_device:  # the norms and noise variances the device wrote beside them
+                norm2_all = np.asarray(be.to_host(dev.norm2_epoch[:offset]), np.float32)
+                noise_all = np.maximum(np.asarray(be.to_host(dev.noise_epoch[:offset]), np.float32), MIN_NOISE_VAR)
             for local, start, noise_var, norm2 in shards:
+                if noise_var is None:
+                    noise_var = noise_all[start:start + local.size]
+                if norm2 is None:
+                    norm2 = norm2_all[start:start + local.size]
                 losses = losses_all[start:start + local.size]
                 scores_epoch[local] = particle_scores(losses, norm2, energy_all[start:start + local.size])
                 loss_sum += float(np.sum(losses / (n * n * noise_var.astype(np.float64))))
@@ -820,7 +952,8 @@ class Reconstruction:
         train = [np.flatnonzero((st.halves == h + 1) & ~st.cv) for h in (0, 1)]
         # a rank's shard of a global minibatch is batch[rank::size]
         width = -(-min(self.config.batch_size, max(t.size for t in train)) // self.comm.size)
-        return DeviceStep.allocate(self.backend, st, self.box, width, sum(t.size for t in train))
+        return DeviceStep.allocate(self.backend, st, self.box, width, sum(t.size for t in train),
+                                   raw=self.prepare_on_device)
 
     def _checkpoint_due(self, epoch: int) -> bool:
         """Whether this rank writes a checkpoint after ``epoch`` (1-based) of an adam run."""
@@ -970,14 +1103,13 @@ class Reconstruction:
         with self.loader.schedule(batches[0] + batches[1] + held_out):
             for h in (0, 1):
                 for part in batches[h]:
-                    prep = self.loader.prepare(part)
+                    prep = self._prepared(part)
                     w = (1.0 / prep.noise_var.astype(np.float64))
                     rot = be.to_device(prep.rotations)
                     be.weighted_backproject(be.to_device(prep.data), rot,
                                             be.to_device((0.5 * w).astype(np.float32)), self.radius, sums.target(h))
                     sums.commit()
-                    be.insert_weights(rot, be.to_device(prep.filters2 * t2[None]
-                                                        * w.astype(np.float32)[:, None, None]), sums.target(2 + h))
+                    be.insert_weights(rot, self._insert_input(prep, t2, w), sums.target(2 + h))
                     sums.commit()
         host = sums.reduce(self.comm)
         if not (np.isfinite(host).all() and np.abs(host[2:]).max() > 0):
@@ -1026,8 +1158,7 @@ class Reconstruction:
                                             sums.target(h))
                     sums.commit()
                     if with_kernel:
-                        be.insert_weights(rot, be.to_device(prep.filters2 * t2[None]
-                                                            * w.astype(np.float32)[:, None, None]), sums.target(2 + h))
+                        be.insert_weights(rot, self._insert_input(prep, t2, w), sums.target(2 + h))
                         sums.commit()
                     local_scores.append(scores)
                     loss_sum += float(np.sum(losses / (n * n * prep.noise_var.astype(np.float64))))
@@ -1103,7 +1234,7 @@ class Reconstruction:
         total = 0.0
         with self.loader.schedule(batches + following):
             for part in batches:
-                prep = self.loader.prepare(part)
+                prep = self._prepared(part)
                 total += float(np.sum(prep.data_norm2.astype(np.float64)
                                       / (n * n * prep.noise_var.astype(np.float64))))
         count = int(np.sum(st.cv))

@@ -22,7 +22,8 @@ needs_simulator = pytest.mark.skipif(
     reason="needs the CUDA simulator: NUMBA_ENABLE_CUDASIM=1 was not in effect when numba.cuda was imported")
 
 CONTRACT_KERNELS = {"project", "backproject", "weighted_backproject", "forward_residual", "forward_residual_loss",
-                    "insert_weights"}
+                    "insert_weights", "weight_filters", "prepare_particles_data", "prepare_particles_filters2",
+                    "prepare_particles_data_norm2", "prepare_particles_noise_var"}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_quick_acceptance_figures(quick_run):
     assert all(k["passed"] for k in rep["kernels"].values())
 
     rows = [r for r in steps["timing"]["figures"]["rows"] if "op" in r]
-    assert {r["op"] for r in rows} == {"project", "backproject", "loss_and_gradient"}
+    assert {r["op"] for r in rows} == {"project", "backproject", "loss_and_gradient", "prepare_particles"}
     assert {r["box"] for r in rows} == {*settings["timing_boxes"], settings["once_box"]}
     assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in rows)
 

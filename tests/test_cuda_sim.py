@@ -467,7 +467,7 @@ def test_device_check_simulator_smoke(tmp_path):
     assert result["correctness"]["passed"] is True and all(c["passed"] for c in checks)
     assert {"dot_project_backproject", "dot_fourier_filter", "gradient_central_difference",
             "centre_voxel"} <= {c["name"] for c in checks}
-    assert {row["op"] for row in result["timing"]} == {"project", "backproject", "loss_and_gradient"}
+    assert {row["op"] for row in result["timing"]} == {"project", "backproject", "loss_and_gradient", "prepare_particles"}
     assert all(row["images_per_s"] > 0 for row in result["timing"])
     for case in ("global_distinct", "global_512_threads_per_address", "shared_conflict_free"):
         assert result["atomics"][case]["sum_correct"] is True

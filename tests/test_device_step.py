@@ -207,8 +207,9 @@ def test_a_robust_step_copies_only_per_particle_vectors(device_run):
     copies = [e for e in epoch["steps"] if e[0] == "d2h"]
     assert copies, "the robust loss needs each shard's scores"
     assert all(len(shape) == 1 and shape[0] <= BATCH for _, shape in copies), copies
-    # two per half and step: the shard's losses and model energies
-    assert len(copies) == 2 * 2 * epoch["n_steps"]
+    # three per half and step: the shard's losses, model energies and image norms (the particles
+    # are prepared on the device; their noise variances wait for the end of the epoch)
+    assert len(copies) == 3 * 2 * epoch["n_steps"]
     assert [e for e in epoch["steps"] if e[0] == "alloc"] == []
 
 
@@ -219,7 +220,8 @@ def test_maps_and_moments_leave_the_device_once_per_epoch(device_run):
         assert _volume_copies(epoch["tail"]) == [["d2h", [2, BOX, BOX, BOX]]] * 2
         assert ["d2h", [2]] in epoch["tail"]
         losses = [e for e in epoch["tail"] if e[0] == "d2h" and len(e[1]) == 1 and e[1][0] > BATCH]
-        assert len(losses) == 2  # the epoch's losses and energies, once
+        # the epoch's losses and energies, and the norms and noise variances the device prepared, once
+        assert len(losses) == 4
 
 
 def test_simulator_maps_equal_cpu_maps(device_run, tmp_path):

@@ -111,7 +111,12 @@ def parse_keep_fraction(value: str) -> tuple[float | None, float | None]:
               help="Checkpoints kept once the run has finished (during the run the newest two are kept; at box 400 "
                    "each holds several GB).")
 @click.option("--cache-mb", type=float, default=2048, show_default=True,
-              help="Memory for prepared particles; beyond it particles are re-read every epoch.")
+              help="Memory for particles kept between passes (prepared on the host, or as read when they are "
+                   "prepared on the GPU); beyond it particles are re-read every pass.")
+@click.option("--prepare-on", "prepare_on", type=click.Choice(["auto", "host", "device"]), default="auto",
+              show_default=True,
+              help="Where particle images get their CTF and shift: the backend's device, or host numpy while the "
+                   "backend computes. auto: device with --backend cuda, host on the CPU.")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_dir: str | None, overwrite: bool,
@@ -307,7 +312,7 @@ def _config_from_checkpoint(resume_dir: str, ctx: click.Context, options: dict, 
         flags = ", ".join(spelling.get(name, name) for name in changing)
         raise InputError(f"--resume continues the stored run, and {flags} would change it", out,
                          "resume without those options (only --epochs, --early-stop/--no-early-stop, --mask, "
-                         "--backend, --cache-mb and --checkpoint-every may change), or start a new run in "
+                         "--backend, --cache-mb, --prepare-on and --checkpoint-every may change), or start a new run in "
                          "another -o folder")
     for name in given:
         if name in RESUME_SAFE_OPTIONS:
@@ -321,8 +326,8 @@ def _config_from_checkpoint(resume_dir: str, ctx: click.Context, options: dict, 
 
 #: Options a resumed run may change: how long it goes on and what it writes at the end, not what
 #: it computes.
-RESUME_SAFE_OPTIONS = ("epochs", "early_stop", "mask", "backend", "cache_mb", "checkpoint_every", "keep_checkpoints",
-                       "truth")
+RESUME_SAFE_OPTIONS = ("epochs", "early_stop", "mask", "backend", "cache_mb", "prepare_on", "checkpoint_every",
+                       "keep_checkpoints", "truth")
 
 
 def _from_command_line(ctx: click.Context, name: str) -> bool:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from numba_recon.cpu.backproject import backproject, weighted_backproject
 from numba_recon.cpu.fourier import forward_residual, fourier_filter
-from numba_recon.cpu.insert import insert_weights
+from numba_recon.cpu.insert import insert_weights, weight_filters
 from numba_recon.cpu.memory import synchronize, to_device, to_host, zeros
+from numba_recon.cpu.prepare import prepare_particles
 from numba_recon.cpu.project import project
 from numba_recon.cpu.step import adam_update, copy_into, fill, scale_gradient
 
@@ -30,11 +31,13 @@ __all__ = [
     "fourier_filter",
     "insert_weights",
     "is_available",
+    "prepare_particles",
     "project",
     "scale_gradient",
     "synchronize",
     "to_device",
     "to_host",
     "weighted_backproject",
+    "weight_filters",
     "zeros",
 ]

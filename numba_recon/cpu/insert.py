@@ -108,3 +108,28 @@ def insert_weights(rotations: np.ndarray, weights: np.ndarray, out: np.ndarray) 
     acc = np.zeros((chunks, n, n, n), dtype=np.float32 if out.dtype == np.float32 else np.float64)
     _insert_kernel(rot, weights, chunks, acc)
     _sum_chunks(acc, out)
+
+
+def weight_filters(filters2: np.ndarray, plane: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
+    """``out[b] = (filters2[b] * plane) * weights[b]``: the per-sample weights of
+    :func:`insert_weights` from squared CTFs, the splat's squared transfer function and one
+    weight per particle (float32, in this order on both backends).
+
+    Parameters
+    ----------
+    filters2
+        ``(b, N, N)`` float32 squared CTFs (full ``fft2`` grid).
+    plane
+        ``(N, N)`` float32, the same for every image.
+    weights
+        ``(b,)`` float32.
+    out
+        ``(b, N, N)`` float32, overwritten; may be ``filters2``.
+    """
+    _support.check_array("filters2", filters2, (None, None, None))
+    nb, n = filters2.shape[0], filters2.shape[1]
+    _support.check_array("plane", plane, (n, n), filters2.dtype)
+    _support.check_array("weights", weights, (nb,), filters2.dtype)
+    _support.check_array("out", out, (nb, n, n), filters2.dtype)
+    np.multiply(filters2, plane[None], out=out)
+    out *= weights[:, None, None]

@@ -16,6 +16,14 @@ from numba import cuda
 #: simulator when ``numba.cuda`` is first imported, from the configuration it loaded then.
 SIMULATOR: bool = hasattr(cuda, "FakeCUDAKernel")
 
+#: The simulator runs one OS thread per CUDA thread, and its ``syncthreads`` is a barrier of them
+#: all: with Python's default 5 ms GIL switch interval every barrier waits for a round of switches.
+SIMULATOR_SWITCH_INTERVAL_S = 5e-4
+if SIMULATOR:
+    import sys
+
+    sys.setswitchinterval(min(sys.getswitchinterval(), SIMULATOR_SWITCH_INTERVAL_S))
+
 
 def is_available() -> bool:
     """True when a CUDA device (or the simulator) can run the kernels.

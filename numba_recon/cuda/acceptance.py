@@ -10,13 +10,15 @@ Steps, in order; each is recorded under ``steps`` with ``status`` (``passed``, `
 1. ``preamble``: driver, toolkit, device and a trivial kernel
    (:func:`numba_recon.cuda.device_check.preamble`). If it fails, every other step is skipped.
 2. ``parity``: every kernel of the backend contract (``project``, ``backproject``,
-   ``weighted_backproject``, ``forward_residual`` residuals and losses, ``insert_weights``) on
-   the GPU against the CPU twin, through :func:`numba_recon.backend.get_backend`, at box 100 with
+   ``weighted_backproject``, ``forward_residual`` residuals and losses, ``insert_weights``,
+   ``weight_filters``, and ``prepare_particles``' four outputs from raw images) on the GPU against
+   the CPU twin, through :func:`numba_recon.backend.get_backend`, at box 100 with
    150 particles and box 256 with 130; relative error ``max|gpu - cpu| / max|cpu|`` <= 1e-4.
 3. ``repeatability``: the same kernels run twice on the same input (box 128, 64 particles): the
    gathers (``backproject``, ``weighted_backproject``) must be bitwise identical, the kernels
    with atomics within a relative 1e-5.
-4. ``timing``: CUDA-event medians of ``project``, ``backproject`` and the loss and gradient at
+4. ``timing``: CUDA-event medians of ``project``, ``backproject``, the loss and gradient and
+   ``prepare_particles`` (with the upload of the raw images) at
    boxes 64, 128 and 256 (128 particles, 3 calls after a warm-up) and once at box 400
    (32 particles): ms per call and images/s.
 5. ``end_to_end``: ``numba-recon simulate`` (box 64, 2,000 particles), then ``numba-recon run``
@@ -164,6 +166,15 @@ def _run_contract(be: Any, p: dict[str, np.ndarray], radius: float) -> dict[str,
     density = be.zeros((n, n, n))
     be.insert_weights(rot, be.to_device(p["filters2"]), density)
     out["insert_weights"] = be.to_host(density)
+
+    weighted = be.zeros((nb, n, n))
+    be.weight_filters(be.to_device(p["filters2"]), be.to_device(p["filters2"][0]), be.to_device(p["weights"]), weighted)
+    out["weight_filters"] = be.to_host(weighted)
+
+    prepared = (be.zeros((nb, n, n)), be.zeros((nb, n, n)), be.zeros(nb), be.zeros(nb))
+    device_check._run_prepare(be, p, prepared)
+    for name, array in zip(("data", "filters2", "data_norm2", "noise_var"), prepared):
+        out[f"prepare_particles_{name}"] = be.to_host(array)
     be.synchronize()
     return out
 

@@ -22,7 +22,8 @@ from numba_recon.cuda.backproject import _backproject_kernel
 from numba_recon.cuda.device_check import _atomic_global_kernel, _atomic_shared_kernel
 from numba_recon.cuda.elementwise import _fill_kernel, _residual_loss_kernel
 from numba_recon.cuda.fourier import _dft_stage_kernel
-from numba_recon.cuda.insert import _insert_kernel
+from numba_recon.cuda.insert import _insert_kernel, _weight_filters_kernel
+from numba_recon.cuda.prepare import _background_kernel, _spectrum_kernel
 from numba_recon.cuda.project import _project_kernel
 from numba_recon.cuda.step import _adam_kernel, _decay_kernel, _scale_gradient_kernel, _scale_square_kernel
 
@@ -37,6 +38,7 @@ KERNELS: dict[str, tuple[Any, str, bool]] = {
     "dft_stage": (_dft_stage_kernel, f"void({_A2}, {_A3}, {_A3}, int32, float32, {_A3})", True),
     "residual_loss": (_residual_loss_kernel, f"void({_A3}, {_A3}, {_A3}, {_A1}, {_A1}, {_A1})", False),
     "insert_weights": (_insert_kernel, f"void({_A3}, {_A3}, {_A3})", True),
+    "weight_filters": (_weight_filters_kernel, f"void({_A3}, {_A2}, {_A1}, {_A3})", False),
     "fill": (_fill_kernel, f"void({_A1}, float32)", False),
     "scale_gradient": (_scale_gradient_kernel, f"void({_A1}, {_A1}, float32, float32)", False),
     "adam_decay": (_decay_kernel, f"void({_A1}, int32, float32)", False),
@@ -45,6 +47,9 @@ KERNELS: dict[str, tuple[Any, str, bool]] = {
     "adam": (_adam_kernel, f"void({_A1}, {_A1}, {_A1}, {_A1}, int32, {', '.join(['float32'] * 4)})", False),
     "atomic_global_benchmark": (_atomic_global_kernel, f"void({_A1}, int64, int64)", False),
     "atomic_shared_benchmark": (_atomic_shared_kernel, f"void({_A1}, int64)", False),
+    "prepare_background": (_background_kernel, f"void({_A3}, uint8[:, ::1], {_A3}, {_A1})", False),
+    "prepare_spectrum": (_spectrum_kernel, f"void({_A3}, float64[:, ::1], float64[:, ::1], uint8[::1], float64, {_A3}, "
+                         f"{_A1})", False),
 }
 
 #: kernels whose inner loops must stay in float32 (float64 there would be a silent 2x-64x slowdown)

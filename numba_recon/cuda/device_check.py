@@ -450,7 +450,36 @@ def _problem(n: int, nb: int, rng: np.random.Generator) -> dict[str, np.ndarray]
         "data": rng.standard_normal((nb, n, n)).astype(np.float32),
         "data_norm2": rng.uniform(100.0, 200.0, nb).astype(np.float32),
         "weights": rng.uniform(0.5, 1.5, nb).astype(np.float32),
+        **_prepare_problem(n, nb, rng),
     }
+
+
+def _prepare_problem(n: int, nb: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs of ``prepare_particles`` at box ``n`` (1.5 A/px): astigmatic CTFs at 1-3 um defocus
+    with a phase shift and a B-factor, sub-pixel shifts up to 3 px, every fourth image
+    CTF-premultiplied, raw images with a background offset."""
+    du = rng.uniform(1e4, 3e4, nb)
+    ctf = np.stack([du, du - rng.uniform(0, 500, nb), rng.uniform(0, 180, nb), np.full(nb, 300.0),
+                    np.full(nb, 2.7), np.full(nb, 0.1), rng.uniform(0, 30, nb), rng.uniform(0, 50, nb),
+                    np.ones(nb)], axis=1)
+    c = n // 2
+    y, x = np.ogrid[:n, :n]
+    return {
+        "raw_images": (rng.standard_normal((nb, n, n)) + 5.0).astype(np.float32),
+        "ctf_params": np.ascontiguousarray(ctf, dtype=np.float64),
+        "shifts_px": rng.uniform(-3.0, 3.0, (nb, 2)),
+        "premultiplied": (np.arange(nb) % 4 == 3).astype(np.uint8),
+        "background_mask": (((x - c) ** 2 + (y - c) ** 2) > (0.85 * n / 2) ** 2).astype(np.uint8),
+        "angpix": np.float64(1.5),
+    }
+
+
+def _run_prepare(be: Any, p: dict[str, np.ndarray], out: tuple[Any, Any, Any, Any]) -> None:
+    """``prepare_particles`` of backend ``be`` on the problem ``p`` into ``out`` (data, filters2,
+    norms, noise variances; ``be``'s arrays)."""
+    be.prepare_particles(be.to_device(p["raw_images"]), be.to_device(p["ctf_params"], None),
+                         be.to_device(p["shifts_px"], None), be.to_device(p["premultiplied"], None),
+                         float(p["angpix"]), be.to_device(p["background_mask"], None), *out)
 
 
 def _run_forward_residual(p: dict[str, np.ndarray], volume: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -609,7 +638,8 @@ def _memory_used() -> int | None:
 
 def time_kernels(boxes: list[int], batches: list[int], repeats: int, warmup: int, budget_s: float,
                  memory: dict[str, Any], seed: int = 7) -> list[dict[str, Any]]:
-    """Timings of project, backproject and loss-and-gradient for every box and batch."""
+    """Timings of project, backproject, loss-and-gradient and the particle preparation (raw images
+    and parameters uploaded, CTF, shift and filter on the device) for every box and batch."""
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
@@ -641,10 +671,13 @@ def time_kernels(boxes: list[int], batches: list[int], repeats: int, warmup: int
                 nc.forward_residual(volume, rot, filters2, data, norm2, radius, res, loss)
                 nc.weighted_backproject(res, rot, weights, radius, grad)
 
+            prepared = (nc.zeros((nb, n, n)), nc.zeros((nb, n, n)), nc.zeros(nb), nc.zeros(nb))
             ops: dict[str, tuple[Callable[[], None], Callable[[], None] | None]] = {
                 "project": (lambda: nc.project(volume, rot, radius, proj), lambda: fill(proj, 0.0)),
                 "backproject": (lambda: nc.backproject(images, rot, radius, grad), None),
                 "loss_and_gradient": (loss_and_gradient, None),
+                # the upload of the raw images and parameters included, as a run pays it
+                "prepare_particles": (lambda: _run_prepare(nc, p, prepared), None),
             }
             for op, (fn, prep) in ops.items():
                 times = _timed(fn, prep, repeats, warmup)

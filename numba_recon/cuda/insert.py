@@ -93,3 +93,34 @@ def insert_weights(rotations: Any, weights: Any, out: Any) -> None:
         return
     blocks = min(MAX_BLOCKS, (total + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
     _insert_kernel[blocks, THREADS_PER_BLOCK](rotations, weights, out)
+
+
+@cuda.jit(cache=True)
+def _weight_filters_kernel(filters2, plane, weights, out):
+    """``out[b, i, j] = (filters2[b, i, j] * plane[i, j]) * weights[b]``, grid-stride over ``b * N * N``."""
+    nb = filters2.shape[0]
+    n = filters2.shape[1]
+    nn = n * n
+    for t in range(cuda.grid(1), nb * nn, cuda.gridsize(1)):
+        b = t // nn
+        rest = t - b * nn
+        i = rest // n
+        j = rest - i * n
+        out[b, i, j] = (filters2[b, i, j] * plane[i, j]) * weights[b]
+
+
+def weight_filters(filters2: Any, plane: Any, weights: Any, out: Any) -> None:
+    """``out[b] = (filters2[b] * plane) * weights[b]`` on the device (asynchronous): the inputs of
+    :func:`insert_weights` for particles prepared on the device. Shapes as the CPU twin's
+    (:func:`numba_recon.cpu.insert.weight_filters`): ``filters2``, ``out`` ``(b, N, N)``, ``plane``
+    ``(N, N)``, ``weights`` ``(b,)``, float32 device arrays; ``out`` may be ``filters2``."""
+    device_f32("filters2", filters2, (None, None, None))
+    nb, n = filters2.shape[0], filters2.shape[1]
+    device_f32("plane", plane, (n, n))
+    device_f32("weights", weights, (nb,))
+    device_f32("out", out, (nb, n, n))
+    total = nb * n * n
+    if total == 0:
+        return
+    blocks = min(MAX_BLOCKS, math.ceil(total / THREADS_PER_BLOCK))
+    _weight_filters_kernel[blocks, THREADS_PER_BLOCK](filters2, plane, weights, out)

@@ -3,29 +3,59 @@
 Thread mapping
 --------------
 The volume is cut into bricks of ``8 x 8 x depth`` voxels (``depth = threads_per_block // 64``);
-a block owns one brick at a time (grid-stride loop over bricks) and each thread one voxel of it.
-A thread reads its voxel once and splats it into every image of the batch.
+each thread owns one voxel of its block's brick, reads it once and splats it into the images of its
+block's slice of the batch. The grid is ``(brick_blocks, slices)``: ``blockIdx.x`` walks the bricks
+(grid-stride loop), ``blockIdx.y`` picks a contiguous, ``GROUP``-aligned slice of the images.
+
+Image slices
+------------
+With few bricks (box 32 has 64 bricks of 8 x 8 x 8) one block per brick leaves most of a GPU idle,
+so the batch is split too. :func:`launch_grid` cuts the ``G = ceil(b / GROUP)`` image groups into
+slices of ``p = max(1, G // ceil(TARGET_BLOCKS / brick_blocks))`` groups, ``ceil(G / p)`` slices:
+the grid reaches ``TARGET_BLOCKS`` (4 x 132: two waves of two resident 512-thread blocks on each
+of the 132 SMs of an H100) whenever the batch has enough groups, and stays one slice when the
+bricks alone reach it. The kernel only reads ``gridDim.y``: slice ``s`` covers images
+``[s p GROUP, min(b, (s + 1) p GROUP))`` with ``p = ceil(G / gridDim.y)``, which is right for any
+``gridDim.y``. Every (voxel, image) pair is splatted by exactly one block, so the split changes
+only the float32 summation order.
 
 Privatisation
 -------------
 A brick of at most 8 x 8 x 8 voxels projects, whatever the rotation, inside a 15 x 15 pixel
 window around the projection of its centre (half-diagonal ``3.5 * sqrt(3) < 6.07`` pixels plus the
 bilinear corner). The block therefore splats ``GROUP`` images at a time into ``GROUP`` shared
-``16 x 16`` tiles with shared-memory atomics, then flushes each non-zero tile pixel to the image
-with one global ``atomic.add``: about 10-20x fewer global atomics than splatting directly. A
-corner that would fall outside its tile (only possible for a non-orthonormal matrix) goes straight
-to global memory, so the result is correct for any matrix.
+``16 x 16`` tiles, then flushes each non-zero tile pixel to the image with one global
+``atomic.add``: about 10-20x fewer global atomics than splatting directly. A corner that would
+fall outside its tile (only possible for a non-orthonormal matrix) goes straight to global
+memory, so the result is correct for any matrix.
+
+Warp aggregation
+----------------
+A float32 ``atomic.add`` on shared memory is a compare-and-swap retry loop on sm_90, and its cost
+grows with the number of lanes that hit the same address, which depends on the view: looking
+along x, the 8 voxels of a warp row land on the same pixel. A warp (8 x 4 voxels of one plane)
+therefore groups its lanes by the tile pixel of their top-left corner (``match_any_sync``). A lane
+alone in its group adds its four corners itself; in a larger group every lane but the lowest
+writes its four corner weights to a warp-private shared slab, and after ``syncwarp`` the lowest
+lane (the leader) sums them and does the group's four atomic adds. Lanes whose voxel is outside
+the support or whose corner leaves the tile take part in every warp-wide call with a key no other
+lane has. A warp none of whose voxels contributes skips the splat loop (``any_sync``).
+
+Numba's CUDA simulator has none of the warp intrinsics; there the three used here are replaced
+by Python equivalents that meet the 32 lanes of the warp at a barrier.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from typing import Any
 
 import numpy as np
 
 from numba_recon.cuda._checks import brick_depth, device_f32, support_limit
-from numba_recon.cuda._target import cuda
+from numba_recon.cuda._target import SIMULATOR, cuda
 
 #: Images splatted per shared-memory pass (tiles of GROUP x TILE x TILE float32 = 16 KiB).
 GROUP = 16
@@ -37,13 +67,118 @@ TILES_FLAT = GROUP * TILE * TILE
 TILE_MARGIN = 7
 #: Default block size: 8 x 8 x 8 bricks.
 DEFAULT_THREADS_PER_BLOCK = 512
-#: Upper bound of the grid; larger volumes are covered by the grid-stride loop.
+#: Upper bound of the grid's brick dimension; larger volumes are covered by the grid-stride loop.
 MAX_BLOCKS = 65535
+#: Blocks the launcher aims for when the bricks alone are fewer: two waves of the two 512-thread
+#: blocks an SM holds at 64 registers per thread (see the launch bounds), on an H100 SXM's 132 SMs.
+TARGET_BLOCKS = 4 * 132
+#: Lanes per warp; warps per block at the largest block size (512 threads).
+WARP = 32
+MAX_WARPS = 512 // WARP
+#: Corner weights per lane in the aggregation slab.
+CORNERS = 4
+#: Aggregation slab: two buffers (alternating images) x warps x corners x lanes, float32 (16 KiB).
+SLAB_FLAT = 2 * MAX_WARPS * CORNERS * WARP
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 _HALF = np.float32(0.5)
 _BRICK_HALF_XY = np.float32(3.5)
+# lane masks are uint32 and slab offsets unsigned: no negative-index handling, no int/uint mixes
+_U0 = np.uint32(0)
+_U1 = np.uint32(1)
+_UWARP = np.uint32(WARP)
+_FULL_MASK = np.int32(-1)             # all 32 lanes (blocks are whole warps)
+# At most 512 threads and at least two blocks per SM: caps the kernel at 64 registers per thread
+# (without it ptxas takes about 70, which leaves one 512-thread block per SM). The simulator's jit
+# takes no launch bounds.
+_JIT_OPTIONS: dict[str, Any] = {} if SIMULATOR else {"launch_bounds": (512, 2)}
+
+
+#: In the simulator, whether the warp intrinsics are emulated (lanes exchange keys at a Python
+#: barrier, so the aggregation itself runs) or every lane is its own group (the same images up to
+#: float32 summation order, many times faster: a barrier of 32 OS threads costs milliseconds).
+#: The aggregation tests set it; on a GPU the real intrinsics always run.
+SIMULATE_WARPS = False
+
+if SIMULATOR:
+    # Python stand-ins for the warp intrinsics (the simulator runs one OS thread per CUDA thread).
+    # The 32 lanes of a warp meet at a threading.Barrier kept per launch (the simulator's ``cuda``
+    # module of the launch, which it swaps into this module while a kernel or device function of
+    # it runs), block and warp; like the real intrinsics they need every lane of the warp.
+    _SIM_LOCK = threading.Lock()
+    _SIM_WARPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _SIM_LANE = threading.local()  # each lane's count of exchanges, mod 2
+
+    class _SimWarp:
+        def __init__(self) -> None:
+            self.barrier = threading.Barrier(WARP)
+            # two sets of slots, used by alternate exchanges: a set is rewritten only after the
+            # next barrier, which no lane passes before every lane has read it
+            self.slots: list[list[Any]] = [[None] * WARP, [None] * WARP]
+
+        def exchange(self, lane: int, value: Any) -> list[Any]:
+            phase = getattr(_SIM_LANE, "phase", 0)
+            _SIM_LANE.phase = phase ^ 1
+            slots = self.slots[phase]
+            slots[lane] = value
+            self.barrier.wait()
+            return slots
+
+    def _sim_warp() -> tuple[_SimWarp, int]:
+        tid = cuda.threadIdx.x + cuda.blockDim.x * (cuda.threadIdx.y + cuda.blockDim.y * cuda.threadIdx.z)
+        key = (cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z, tid // WARP)
+        with _SIM_LOCK:
+            per_launch = _SIM_WARPS.setdefault(cuda, {})
+            warp = per_launch.get(key)
+            if warp is None:
+                warp = per_launch[key] = _SimWarp()
+        return warp, tid % WARP
+
+    def _sim_lane() -> int:
+        tid = cuda.threadIdx.x + cuda.blockDim.x * (cuda.threadIdx.y + cuda.blockDim.y * cuda.threadIdx.z)
+        return tid % WARP
+
+    @cuda.jit(device=True)
+    def _match_any(key: int) -> int:
+        """Lanes of the warp whose ``key`` equals this lane's, as a 32-bit lane mask."""
+        if not SIMULATE_WARPS:
+            return 1 << _sim_lane()
+        warp, lane = _sim_warp()
+        keys = warp.exchange(lane, int(key))
+        return sum(1 << i for i, k in enumerate(keys) if k == keys[lane])
+
+    @cuda.jit(device=True)
+    def _warp_any(pred: bool) -> bool:
+        """True when ``pred`` holds on any lane of the warp."""
+        if not SIMULATE_WARPS:
+            return True  # every warp runs the splat loop; lanes without a value add nothing
+        warp, lane = _sim_warp()
+        return any(warp.exchange(lane, bool(pred)))
+
+    @cuda.jit(device=True)
+    def _warp_sync() -> None:
+        """Warp barrier; shared-memory writes before it are visible to the warp after it."""
+        if not SIMULATE_WARPS:
+            return  # lanes alone in their group read no other lane's slab rows
+        warp, _ = _sim_warp()
+        warp.barrier.wait()
+
+else:
+    @cuda.jit(device=True, inline=True)
+    def _match_any(key):
+        """Lanes of the warp whose ``key`` equals this lane's, as a 32-bit lane mask."""
+        return np.uint32(cuda.match_any_sync(_FULL_MASK, key))
+
+    @cuda.jit(device=True, inline=True)
+    def _warp_any(pred):
+        """True when ``pred`` holds on any lane of the warp."""
+        return cuda.any_sync(_FULL_MASK, pred)
+
+    @cuda.jit(device=True, inline=True)
+    def _warp_sync():
+        """Warp barrier; shared-memory writes before it are visible to the warp after it."""
+        cuda.syncwarp()
 
 
 @cuda.jit(device=True, inline=True, fastmath=True)
@@ -65,15 +200,18 @@ def _splat_global(out, b, x0, y0, fx, fy, val):
             cuda.atomic.add(out, (b, y0 + 1, x0 + 1), fx * fy * val)
 
 
-@cuda.jit(fastmath=True, cache=True)
+@cuda.jit(fastmath=True, cache=True, **_JIT_OPTIONS)
 def _project_kernel(volume, rotations, r2_max, out):
     """``out[b] += P_b volume`` for all ``b``; see the module docstring for the mapping.
 
     ``volume (N, N, N)``, ``rotations (b, 3, 3)``, ``r2_max`` int32 (largest ``|r|^2`` inside
-    the support), ``out (b, N, N)``. Launch with ``blockDim.x`` a multiple of 64 (at most 512).
+    the support), ``out (b, N, N)``. Launch a 1-D block of a multiple of 64 threads (at most 512)
+    on a 2-D grid: ``gridDim.x`` blocks over the bricks, ``gridDim.y`` image slices.
     """
     # flat tiles: tile g, row ty, column tx at (g * TILE + ty) * TILE + tx
     tile = cuda.shared.array(TILES_FLAT, np.float32)
+    # aggregation slab: buffer g & 1, warp w, corner q, lane l at ((buf * MAX_WARPS + w) * CORNERS + q) * WARP + l
+    slab = cuda.shared.array(SLAB_FLAT, np.float32)
     rot = cuda.shared.array((GROUP, 6), np.float32)
     origin = cuda.shared.array((GROUP, 2), np.int32)
 
@@ -91,6 +229,18 @@ def _project_kernel(volume, rotations, r2_max, out):
     lx = tid % 8
     ly = (tid // 8) % 8
     lz = tid // 64
+    lane = tid % WARP
+    own = np.uint32(1 << lane)        # this lane's bit
+    below = np.uint32(own - _U1)      # the bits of the lower lanes
+    ulane = np.uint32(lane)
+    warp = tid // WARP
+    lone_key = np.int32(TILE * TILE + lane)  # a key no other lane has (tile keys are < TILE * TILE)
+
+    # this block's slice of the images, in whole groups (see the module docstring)
+    n_groups = (nb + GROUP - 1) // GROUP
+    per_slice = (n_groups + cuda.gridDim.y - 1) // cuda.gridDim.y
+    img_lo = cuda.blockIdx.y * per_slice * GROUP
+    img_hi = min(nb, img_lo + per_slice * GROUP)
 
     # Tiles start zeroed and every flush re-zeroes what it reads. The first staging barrier
     # below orders these stores before any splat.
@@ -125,9 +275,12 @@ def _project_kernel(volume, rotations, r2_max, out):
         rxf = np.float32(rx)
         ryf = np.float32(ry)
         rzf = np.float32(rz)
+        live = val != _F0
+        # whole warps with nothing to splat skip the splat loop (a warp-uniform decision)
+        warp_live = _warp_any(live)
 
-        for g0 in range(0, nb, GROUP):
-            cnt = np.int32(min(GROUP, nb - g0))
+        for g0 in range(img_lo, img_hi, GROUP):
+            cnt = np.int32(min(GROUP, img_hi - g0))
             if tid < cnt:
                 b = g0 + tid
                 a00 = rotations[b, 0, 0]
@@ -148,7 +301,8 @@ def _project_kernel(volume, rotations, r2_max, out):
                 origin[tid, 1] = np.int32(math.floor(vc)) - TILE_MARGIN
             cuda.syncthreads()
 
-            if val != _F0:
+            if warp_live:
+                # every lane of the warp runs this loop: it holds the warp-wide calls
                 for g in range(cnt):
                     u = rot[g, 0] * rxf + rot[g, 1] * ryf + rot[g, 2] * rzf + cf
                     v = rot[g, 3] * rxf + rot[g, 4] * ryf + rot[g, 5] * rzf + cf
@@ -158,15 +312,44 @@ def _project_kernel(volume, rotations, r2_max, out):
                     fy = v - np.float32(y0)
                     tx = x0 - origin[g, 0]
                     ty = y0 - origin[g, 1]
-                    if tx >= 0 and tx < TILE - 1 and ty >= 0 and ty < TILE - 1:
-                        top = val - val * fy      # val * (1 - fy)
-                        bottom = val * fy
-                        t = np.uint32((g * TILE + ty) * TILE + tx)
-                        cuda.atomic.add(tile, t, top - top * fx)
-                        cuda.atomic.add(tile, t + np.uint32(1), top * fx)
-                        cuda.atomic.add(tile, t + np.uint32(TILE), bottom - bottom * fx)
-                        cuda.atomic.add(tile, t + np.uint32(TILE + 1), bottom * fx)
-                    else:
+                    in_tile = live and tx >= 0 and tx < TILE - 1 and ty >= 0 and ty < TILE - 1
+                    key = np.int32(ty * TILE + tx) if in_tile else lone_key
+                    peers = np.uint32(_match_any(key))
+                    top = val - val * fy      # val * (1 - fy)
+                    bottom = val * fy
+                    w00 = top - top * fx
+                    w01 = top * fx
+                    w10 = bottom - bottom * fx
+                    w11 = bottom * fx
+                    # this warp's rows of the slab; buffers alternate between images: a slot is
+                    # rewritten two images later, after the next warp barrier, when no lane can
+                    # still be reading it
+                    row = np.uint32(((g & 1) * MAX_WARPS + warp) * (CORNERS * WARP))
+                    leader = np.uint32(peers & below) == _U0   # lowest lane of its group, or alone
+                    if not leader:
+                        s = row + ulane
+                        slab[s] = w00
+                        slab[s + _UWARP] = w01
+                        slab[s + 2 * _UWARP] = w10
+                        slab[s + 3 * _UWARP] = w11
+                    _warp_sync()
+                    if in_tile:
+                        if leader:
+                            # add the other members' corners and do the group's four atomic adds
+                            others = np.uint32(peers ^ own)
+                            while others != _U0:
+                                src = row + np.uint32(cuda.ffs(others) - 1)
+                                others = np.uint32(others & (others - _U1))
+                                w00 += slab[src]
+                                w01 += slab[src + _UWARP]
+                                w10 += slab[src + 2 * _UWARP]
+                                w11 += slab[src + 3 * _UWARP]
+                            t = np.uint32(g * (TILE * TILE) + key)
+                            cuda.atomic.add(tile, t, w00)
+                            cuda.atomic.add(tile, t + _U1, w01)
+                            cuda.atomic.add(tile, t + np.uint32(TILE), w10)
+                            cuda.atomic.add(tile, t + np.uint32(TILE + 1), w11)
+                    elif live:
                         _splat_global(out, g0 + g, x0, y0, fx, fy, val)
             cuda.syncthreads()
 
@@ -185,8 +368,37 @@ def _project_kernel(volume, rotations, r2_max, out):
             cuda.syncthreads()
 
 
+def launch_grid(n: int, nb: int, threads_per_block: int = DEFAULT_THREADS_PER_BLOCK, *,
+                image_slices: int | None = None) -> tuple[int, int]:
+    """The grid ``(brick_blocks, slices)`` that :func:`project` launches for box ``n``, batch ``nb``.
+
+    ``brick_blocks = min(n_bricks, MAX_BLOCKS)``; the batch's ``G = ceil(nb / GROUP)`` image groups
+    are cut into slices of ``p`` groups, ``slices = ceil(G / p)``:
+
+    - by default ``p = max(1, G // W)`` with ``W = ceil(TARGET_BLOCKS / brick_blocks)``, so that
+      ``brick_blocks * slices >= TARGET_BLOCKS`` whenever ``G >= W`` (else one group per slice);
+      with ``brick_blocks >= TARGET_BLOCKS`` this is one slice, the whole batch;
+    - with ``image_slices = S``, ``p = ceil(G / S)``: at most ``S`` slices.
+
+    No slice is empty; the last one may hold fewer groups.
+    """
+    depth = brick_depth(threads_per_block)
+    nbx = -(-n // 8)
+    brick_blocks = min(nbx * nbx * -(-n // depth), MAX_BLOCKS)
+    groups = -(-nb // GROUP)
+    if groups == 0 or brick_blocks == 0:
+        return brick_blocks, 1
+    if image_slices is None:
+        per_slice = max(1, groups // -(-TARGET_BLOCKS // brick_blocks))
+    else:
+        if int(image_slices) < 1:
+            raise ValueError(f"image_slices must be >= 1, got {image_slices!r}")
+        per_slice = -(-groups // int(image_slices))
+    return brick_blocks, -(-groups // per_slice)
+
+
 def project(volume: Any, rotations: Any, radius_px: float, out: Any, *,
-            threads_per_block: int = DEFAULT_THREADS_PER_BLOCK) -> None:
+            threads_per_block: int = DEFAULT_THREADS_PER_BLOCK, image_slices: int | None = None) -> None:
     """Voxel-driven projection with bilinear splatting, accumulated into ``out`` (asynchronous).
 
     For each voxel ``(k, i, j)`` with offset ``r = (j - c, i - c, k - c)``, ``c = N // 2`` and
@@ -206,6 +418,10 @@ def project(volume: Any, rotations: Any, radius_px: float, out: Any, *,
         ``(b, N, N)`` float32 device array, caller-zeroed; the projections are added to it.
     threads_per_block
         Block size, a multiple of 64 up to 512 (bricks of ``8 x 8 x threads_per_block/64``).
+    image_slices
+        Cut the batch into at most this many slices of whole ``GROUP``s, one grid row each;
+        ``None`` (default) applies the rule of :func:`launch_grid`. Only the float32 summation
+        order depends on it.
     """
     device_f32("volume", volume, (None, None, None))
     n = volume.shape[0]
@@ -213,10 +429,8 @@ def project(volume: Any, rotations: Any, radius_px: float, out: Any, *,
     device_f32("rotations", rotations, (None, 3, 3))
     nb = rotations.shape[0]
     device_f32("out", out, (nb, n, n))
-    depth = brick_depth(threads_per_block)
     r2_max = support_limit(radius_px, n)
+    grid = launch_grid(n, nb, threads_per_block, image_slices=image_slices)
     if nb == 0 or n == 0:
         return
-    nbx = -(-n // 8)
-    n_bricks = nbx * nbx * -(-n // depth)
-    _project_kernel[min(n_bricks, MAX_BLOCKS), threads_per_block](volume, rotations, r2_max, out)
+    _project_kernel[grid, threads_per_block](volume, rotations, r2_max, out)
