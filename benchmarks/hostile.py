@@ -1063,7 +1063,8 @@ def _other_cwd(decoy: bool):
         elsewhere.mkdir()
         if decoy:  # the same relative path from there holds other images
             shutil.copytree(d, elsewhere / "data")
-            rewrite_stacks(elsewhere / "data", lambda im: np.random.default_rng(1).normal(size=im.shape).astype(np.float32))
+            rewrite_stacks(elsewhere / "data",
+                           lambda im: np.random.default_rng(1).normal(size=im.shape).astype(np.float32))
         ctx.cwd = elsewhere
         ctx.argv[ctx.argv.index("--resume") + 1] = ctx.rel(out)
     return prepare
@@ -1322,7 +1323,8 @@ def markdown(records: list[dict], seconds: float) -> str:
         for r in bad:
             infl = ""
             if r.get("inflated"):
-                infl = f"reported {r['reported_resolution_angstrom']:.2f} A, truth {r['truth_resolution_angstrom']:.2f} A"
+                infl = (f"reported {r['reported_resolution_angstrom']:.2f} A, "
+                        f"truth {r['truth_resolution_angstrom']:.2f} A")
             msg = (r.get("message") or "").replace("|", "\\|")
             if len(msg) > 200:
                 msg = msg[:197] + "..."

@@ -39,7 +39,8 @@ import numpy as np
 
 # the per-image preparation is the CPU backend's prepare_particles; its helpers are re-exported here
 from numba_recon.cpu.prepare import background_means, rfft_half, shift_phase  # noqa: F401
-from numba_recon.cpu.prepare import ctf_parameters, prepare_particles
+from numba_recon.contract import ctf_parameters
+from numba_recon.cpu.prepare import prepare_particles
 from numba_recon.io.names import HOLDOUT_SALT, image_keys, keyed_half_sets, order_by_key
 from numba_recon.particles import ParticleSet
 
@@ -287,7 +288,7 @@ class RawData:
     images
         ``(b, N, N)`` float32, the pixels as read.
     ctf_params
-        ``(b, 9)`` float64 in the column order of :data:`numba_recon.cpu.prepare.CTF_COLUMNS`.
+        ``(b, 9)`` float64 in the column order of :data:`numba_recon.contract.CTF_COLUMNS`.
     shifts_px
         ``(b, 2)`` float64, ``(x, y)``.
     premultiplied

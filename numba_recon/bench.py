@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -263,7 +262,6 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write ``payload`` as indented JSON through a temporary file, so a crash leaves no half file."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    from numba_recon.io.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

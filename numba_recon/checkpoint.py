@@ -2,9 +2,12 @@
 
 One file per checkpoint, ``checkpoints/ckpt_e0005.h5``, written by rank 0 only:
 
-1. everything is written to ``ckpt_e0005.h5.tmp``, the file is closed and ``fsync``-ed;
+1. everything is written under a hidden temporary name in the folder, closed and ``fsync``-ed;
 2. it is renamed into place with ``os.replace`` and the folder is ``fsync``-ed;
 3. ``latest.json`` (the newest good checkpoint's name) is replaced the same way.
+
+(:func:`numba_recon.io.atomic.atomic_output` with ``durable=True``, which names a failed write's
+cause and how to continue with ``--resume``.)
 
 A crash at any moment therefore leaves the previous checkpoint intact. Each dataset carries a
 CRC-32 and the file a final ``complete`` attribute; :func:`load_latest` checks both and falls back to
@@ -26,7 +29,8 @@ import h5py
 import numpy as np
 
 from numba_recon import manifest
-from numba_recon.errors import InputFileError, OutputError
+from numba_recon.errors import InputFileError
+from numba_recon.io.atomic import atomic_output, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +73,6 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _crc(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).tobytes()) & 0xFFFFFFFF
 
@@ -94,71 +85,9 @@ def _fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-_SPACE_FIX = "free space or raise the limit, then continue with --resume (files already written are complete and intact)"
-_WRITABLE_FIX = ("make the folder writable again (remount it read-write), then continue with --resume (files already "
-                 "written are complete and intact)")
-#: (problem, (text needles, errno needle), fix): the first match names the failure and its fix.
-_WRITE_ERRORS = (
-    ("no space left on device", ("no space left", "errno = 28"), _SPACE_FIX),
-    ("disk quota exceeded", ("quota", "errno = 122"), _SPACE_FIX),
-    ("file too large for the file-size limit", ("file too large", "errno = 27"), _SPACE_FIX),
-    ("read-only file system", ("read-only file system", "errno = 30"), _WRITABLE_FIX),
-    ("permission denied", ("permission denied", "errno = 13"), _WRITABLE_FIX),
-    ("input/output error", ("input/output error", "errno = 5"),
-     "check the disk (the kernel log names the device), then continue with --resume"),
-)
-
-
 def checkpoint_name(epoch: int) -> str:
     """The file name of the checkpoint written after ``epoch`` epochs: ``ckpt_e0005.h5``."""
     return f"ckpt_e{int(epoch):04d}.h5"
-
-
-def write_error(path: Path, err: BaseException) -> OutputError:
-    """One clear :class:`OutputError` for a failed write of ``path`` (disk full, quota, file-size
-    limit, I/O error), whatever layer raised it (the OS, or HDF5 through h5py)."""
-    text = f"{getattr(err, 'strerror', None) or ''} {err}".lower()
-    code = getattr(err, "errno", None)
-    for problem, needles, fix in _WRITE_ERRORS:
-        if any(n in text for n in needles) or (code is not None and f"errno = {code}" == needles[1]):
-            break
-    else:
-        problem = f"cannot write ({getattr(err, 'strerror', None) or err})"
-        fix = "check the output folder, then continue with --resume (files already written are complete and intact)"
-    return OutputError(problem, path, fix)
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically (temp file, fsync, rename, fsync folder).
-
-    On failure the temporary file is removed, ``path`` is left as it was, and an
-    :class:`OutputError` names ``path``.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    manifest.note_temporary(tmp)  # the output manifest lists what we write (numba_recon.manifest)
-    token = None
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        token = manifest.record_write(path, source=tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        manifest.undo(token)
-        _remove_quietly(tmp)
-        raise write_error(path, err) from None
-    finally:
-        manifest.discard_temporary(tmp)
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(out_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
@@ -170,7 +99,6 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(ckpt.epoch)
     final = folder / name
-    tmp = folder / (name + ".tmp")
     datasets = {"volumes": ckpt.volumes, "adam_m": ckpt.adam_m, "adam_v": ckpt.adam_v}
     datasets.update({f"arrays/{k}": v for k, v in ckpt.arrays.items()})
     # The HDF5 image is built in memory and written with plain file I/O: a full disk then fails
@@ -193,28 +121,17 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     # make room first: the newest good checkpoint stays while this one is written, so the disk
     # never holds more than ``keep`` checkpoint-sized files (a full disk at box 400 is gigabytes)
     _prune(folder, keep - 1, exclude=final)
-    manifest.note_temporary(tmp)
-    token = None
     try:
-        with open(tmp, "wb") as fh:
-            half = len(image) // 2
-            fh.write(image[:half])
-            fh.flush()
-            _fault_point("kill_during_checkpoint")  # a file cut in the middle, never renamed into place
-            fh.write(image[half:])
-            fh.flush()
-            os.fsync(fh.fileno())
-        token = manifest.record_write(final, source=tmp)
-        os.replace(tmp, final)
-    except OSError as err:
-        manifest.undo(token)
-        _remove_quietly(tmp)
-        raise write_error(final, err) from None
+        with atomic_output(final, durable=True) as tmp:
+            with open(tmp, "wb") as fh:
+                half = len(image) // 2
+                fh.write(image[:half])
+                fh.flush()
+                _fault_point("kill_during_checkpoint")  # a file cut in the middle, never renamed into place
+                fh.write(image[half:])
     finally:
-        manifest.discard_temporary(tmp)
         del image
-    _fsync_dir(folder)
-    atomic_write_text(folder / LATEST, json.dumps({"checkpoint": name, "epoch": ckpt.epoch}) + "\n")
+    atomic_write_text(folder / LATEST, json.dumps({"checkpoint": name, "epoch": ckpt.epoch}) + "\n", durable=True)
     _prune(folder, keep)
     return final
 

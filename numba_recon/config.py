@@ -3,12 +3,15 @@ checkpoint and ``summary.json``."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from numba_recon.checks import finite_above, finite_at_least
 from numba_recon.errors import InputError
-from numba_recon.loss import canonical_loss
+from numba_recon.symmetry_names import parse_symmetry_name
+
+# This module is the data model: it depends on nothing above it (not the loss, symmetry operators
+# or engine), so the accepted names of the settings live here and those modules import them.
 
 #: Solvers ``run`` offers.
 OPTIMIZERS = ("cg", "adam")
@@ -16,17 +19,20 @@ OPTIMIZERS = ("cg", "adam")
 PREPARE_ON = ("auto", "host", "device")
 #: Seeds are stored as signed 64-bit integers (checkpoints, summaries).
 MAX_SEED = 2**63 - 1
+#: Per-particle losses (:mod:`numba_recon.loss`), and the other names each is known by.
+LOSSES = ("l2", "trimmed", "reweighted")
+LOSS_ALIASES = {"sorted": "trimmed"}
+#: Every name ``--loss`` accepts, each loss followed by its aliases.
+LOSS_NAMES = tuple(n for loss in LOSSES for n in (loss, *(a for a, c in LOSS_ALIASES.items() if c == loss)))
 
 
-def _finite_at_least(value: float, lower: float, strict: bool = False) -> bool:
-    """True if ``value`` is a finite number ``>= lower`` (``> lower`` with ``strict``)."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return False
-    if not math.isfinite(x):
-        return False
-    return x > lower if strict else x >= lower
+def canonical_loss(name: str) -> str:
+    """Normalise a loss name (``sorted`` is an alias of ``trimmed``)."""
+    key = name.strip().lower()
+    key = LOSS_ALIASES.get(key, key)
+    if key not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of l2, trimmed (sorted), reweighted")
+    return key
 
 
 @dataclass(frozen=True)
@@ -149,12 +155,12 @@ class RunConfig:
             object.__setattr__(self, "epochs", 8 if self.optimizer == "cg" else 20)
         if self.reg_lambda is None:
             object.__setattr__(self, "reg_lambda", 0.0 if self.optimizer == "cg" else 0.01)
-        if self.particle_diameter is not None and not _finite_at_least(self.particle_diameter, 0.0, strict=True):
+        if self.particle_diameter is not None and not finite_above(self.particle_diameter):
             raise bad("--particle-diameter", f"must be a finite positive number of Angstrom "
                       f"(got {self.particle_diameter})", "omit it to estimate the diameter from the data")
         if not 0 <= self.seed <= MAX_SEED:
             raise bad("--seed", f"must be an integer from 0 to {MAX_SEED} (got {self.seed})", "e.g. --seed 0")
-        if not _finite_at_least(self.initial_lowpass, 0.0, strict=True):
+        if not finite_above(self.initial_lowpass):
             raise bad("--initial-lowpass", f"must be a finite positive resolution in Angstrom (got "
                       f"{self.initial_lowpass})", "the default 60 suits most start maps")
         if self.epochs <= 0:
@@ -163,9 +169,9 @@ class RunConfig:
             raise bad("--batch-size", f"must be positive (got {self.batch_size})", "give at least 1")
         # Every float check is written as ``not (finite and in range)``: NaN compares False with
         # everything and infinity passes ``> 0``, so a plain ``value <= 0`` would let both through.
-        if not _finite_at_least(self.lr, 0.0, strict=True):
+        if not finite_above(self.lr):
             raise bad("--lr", f"must be a finite positive number (got {self.lr})", "the default 0.2 suits most data")
-        if not _finite_at_least(self.reg_lambda, 0.0):
+        if not finite_at_least(self.reg_lambda):
             raise bad("--reg-lambda", f"must be a finite number >= 0 (got {self.reg_lambda})",
                       "use 0 for no regulariser, or e.g. 0.01")
         if not 0 <= self.cv_fraction < 0.5:
@@ -182,28 +188,26 @@ class RunConfig:
                 raise bad("--keep-fraction", f"{name} must be in (0, 1] (got {v})", "e.g. --keep-fraction 0.5:0.8")
         if self.robust_warmup < 0:
             raise bad("--robust-warmup", f"must be >= 0 (got {self.robust_warmup})", "e.g. 2")
-        if not _finite_at_least(self.reweight_power, 0.0, strict=True):
+        if not finite_above(self.reweight_power):
             raise bad("--reweight-power", f"must be a finite positive number (got {self.reweight_power})",
                       "e.g. 0.5 or 1")
-        if self.radius_px is not None and not _finite_at_least(self.radius_px, 0.0, strict=True):
+        if self.radius_px is not None and not finite_above(self.radius_px):
             raise bad("--radius", f"must be a finite positive number of pixels (got {self.radius_px})",
                       "omit it for N//2 - 1")
-        if not _finite_at_least(self.cache_mb, 0.0):
+        if not finite_at_least(self.cache_mb):
             raise bad("--cache-mb", f"must be a finite number >= 0 (got {self.cache_mb})",
                       "give the memory in MB, or 0 to disable caching")
         if self.prepare_on not in PREPARE_ON:
             raise bad("--prepare-on", f"must be one of {', '.join(PREPARE_ON)} (got {self.prepare_on!r})",
                       "auto picks the device for --backend cuda")
-        if self.angpix is not None and not _finite_at_least(self.angpix, 0.0, strict=True):
+        if self.angpix is not None and not finite_above(self.angpix):
             raise bad("--angpix", f"must be a finite positive number (got {self.angpix})",
                       "give the pixel size in Angstrom")
         try:
             object.__setattr__(self, "loss", canonical_loss(self.loss))
         except ValueError as err:
             raise bad("--loss", str(err), "choose l2, trimmed or reweighted") from None
-        from numba_recon.symmetry import symmetry_operators
-
-        symmetry_operators(self.symmetry)  # raises InputError for an unknown group
+        parse_symmetry_name(self.symmetry)  # raises InputError for an unknown group; the name is kept as given
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

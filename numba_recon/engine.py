@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,16 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from numba_recon import __version__
 from numba_recon.batch import BatchLoader, assign_cross_validation, assign_halves, epoch_batches, shard
-from numba_recon.checkpoint import Checkpoint, atomic_write_text, load_latest, save_checkpoint
+from numba_recon.checkpoint import Checkpoint, load_latest, save_checkpoint
 from numba_recon.config import RunConfig
+from numba_recon.io.atomic import atomic_write_text
+from numba_recon.adjoint import weighted_backproject
+from numba_recon.forward import forward_residual
+from numba_recon.geometry import default_radius_px
+from numba_recon.provenance import environment
 from numba_recon.errors import InputError, InputFileError
 from numba_recon.loss import (RobustSchedule, good_population, particle_scores, pass_reference, pass_weights,
                               robust_weights)
 from numba_recon.particles import MIN_BOX_PX
-from numba_recon.reduce import Comm, describe_mpi, get_comm, select_device
+from numba_recon.reduce import Comm, get_comm, select_device
 from numba_recon.step import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, AdamState, CGState, cg_direction, cg_step
+from numba_recon.io.run_files import HALF_SETS_CSV, HISTORY_CSV
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +108,6 @@ def particle_fingerprint(particles: Any) -> str:
         # surrogateescape: a stack name read from a non-UTF-8 file hashes as its bytes on disk
         digest.update(f"{int(index)}@{Path(str(path)).name}:{int(half)}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
-
-
-def _provenance() -> dict[str, Any]:
-    import numba
-
-    return {
-        "version": __version__,
-        "argv": list(sys.argv),
-        "python": platform.python_version(),
-        "numba": numba.__version__,
-        "numpy": np.__version__,
-        "host": platform.node(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 class PassSums:
@@ -313,18 +303,20 @@ class Reconstruction:
                                  f"of at least {MIN_BOX_PX} px", config.particles,
                                  "extract the particles in a larger box")
         self.angpix = float(self.particles.pixel_size_angstrom)
-        self.radius = float(config.radius_px if config.radius_px is not None else self.box // 2 - 1)
+        #: the largest support radius of the box, and the one this run uses (``--radius``, or the largest)
+        self.max_radius_px = default_radius_px(self.box)
+        self.radius = float(config.radius_px if config.radius_px is not None else self.max_radius_px)
         if config.radius_px is not None and self.radius < MIN_SUPPORT_RADIUS_PX:
             # a support of a few voxels gives a map without content and a meaningless FSC
             raise InputError(f"--radius {config.radius_px:g} px is too small", None,
                              f"give a support of at least {MIN_SUPPORT_RADIUS_PX:g} px radius, or omit --radius for "
-                             f"N/2 - 1 = {self.box // 2 - 1} px")
+                             f"N/2 - 1 = {self.max_radius_px:g} px")
         if config.mask:
-            from numba_recon.report import validate_mask
+            from numba_recon.evaluate.mask import validate_mask
 
             validate_mask(config.mask, self.box, self.angpix)  # a wrong mask stops the run before any work
         if config.truth:
-            from numba_recon.plots import find_truth
+            from numba_recon.evaluate.truth import find_truth
 
             find_truth(config.particles, self.box, self.angpix, config.truth)  # so does a truth that does not fit
         self.background = self._survey_images()
@@ -425,9 +417,9 @@ class Reconstruction:
             img = be.zeros((1, n, n))
             res = be.zeros((1, n, n))
             loss = be.zeros((1,))
-            be.forward_residual(vol, rot, be.to_device(np.ones((1, n, n), np.float32)), img, be.zeros((1,)), 1.0,
+            forward_residual(be, vol, rot, be.to_device(np.ones((1, n, n), np.float32)), img, be.zeros((1,)), 1.0,
                                 res, loss)
-            be.weighted_backproject(res, rot, be.to_device(np.ones(1, np.float32)), 1.0, vol)
+            weighted_backproject(be, res, rot, be.to_device(np.ones(1, np.float32)), 1.0, vol)
             be.insert_weights(rot, img, vol)
             be.weight_filters(img, be.zeros((n, n)), be.zeros((1,)), img)
             # defocus 1 um, 300 kV, Cs 2.7 mm, amplitude contrast 0.1 (CTF_COLUMNS order)
@@ -548,7 +540,7 @@ class Reconstruction:
             prep = self._prepared(local, scalars="none")
             rot = be.to_device(prep.rotations)
             # weights of -1: the back-projection of -data, bit for bit, without negating on the host
-            be.weighted_backproject(be.to_device(prep.data), rot, be.to_device(np.full(local.size, -1, np.float32)),
+            weighted_backproject(be, be.to_device(prep.data), rot, be.to_device(np.full(local.size, -1, np.float32)),
                                     self.radius, grad)
         self.comm.allreduce_sum_(grad)  # on the device where MPI is CUDA-aware
         g = be.to_host(grad).astype(np.float32)
@@ -557,7 +549,7 @@ class Reconstruction:
             b = local.size
             resid = be.zeros((b, n, n))
             losses = be.zeros((b,))
-            be.forward_residual(grad, rot, be.to_device(prep.filters2), be.zeros((b, n, n)),
+            forward_residual(be, grad, rot, be.to_device(prep.filters2), be.zeros((b, n, n)),
                                 be.zeros((b,)), self.radius, resid, losses)
             energy = float(np.sum(be.to_host(losses), dtype=np.float64))
         energy = self.comm.allreduce_scalar(energy)
@@ -568,6 +560,13 @@ class Reconstruction:
         return (-alpha * g).astype(np.float32)
 
     # ------------------------------------------------------------------ one batch
+    def symmetric_space(self) -> Any:
+        """The maps of the run's point group inside its support (built once; adam's final projection
+        and the report's symmetric filtered maps use it): :func:`numba_recon.symmetry.symmetric_subspace`."""
+        from numba_recon.symmetry import symmetric_subspace
+
+        return symmetric_subspace(self.box, self.config.symmetry, min(self.radius, self.max_radius_px))
+
     def _device_constant(self, name: str, make: Any, dtype: Any = np.float32) -> Any:
         """A backend copy of the host array ``make()``, made once per run."""
         if name not in self._device_constants:
@@ -634,7 +633,7 @@ class Reconstruction:
         resid = be.zeros((b, n, n))
         losses_dev = be.zeros((b,))
         energy_dev = be.zeros((b,))
-        be.forward_residual(volume_dev, rot, be.to_device(prep.filters2), be.to_device(prep.data),
+        forward_residual(be, volume_dev, rot, be.to_device(prep.filters2), be.to_device(prep.data),
                             be.to_device(prep.data_norm2_dev), self.radius, resid, losses_dev, energy_dev)
         losses = be.to_host(losses_dev).astype(np.float64)
         return prep, rot, resid, losses, particle_scores(losses, prep.data_norm2, be.to_host(energy_dev))
@@ -674,14 +673,14 @@ class Reconstruction:
             filters2 = be.copy_into(buffers.filters2[:b], prep.filters2)
             data = be.copy_into(buffers.data[:b], prep.data)
             norm2 = be.copy_into(buffers.data_norm2[:b], prep.data_norm2)
-        be.forward_residual(volume_dev, rot, filters2, data, norm2, self.radius, resid, losses_dev, energy_dev)
+        forward_residual(be, volume_dev, rot, filters2, data, norm2, self.radius, resid, losses_dev, energy_dev)
         if weights_fn is None:
             weights = buffers.ones[:b]
         else:
             losses = be.to_host(losses_dev).astype(np.float64)
             w = weights_fn(particle_scores(losses, prep.data_norm2, be.to_host(energy_dev)))
             weights = be.copy_into(buffers.weights[:b], np.asarray(w, np.float32))
-        be.weighted_backproject(resid, rot, weights, self.radius, grad_dev)
+        weighted_backproject(be, resid, rot, weights, self.radius, grad_dev)
         return prep.noise_var, prep.data_norm2
 
     def _global_weights(self, global_batch: np.ndarray, local: np.ndarray, local_scores: np.ndarray,
@@ -754,10 +753,8 @@ class Reconstruction:
                 log.info("half maps averaged over %s (%d operators)", self.config.symmetry, len(self.sym_ops))
             return
         if len(self.sym_ops) > 1:
-            from numba_recon.symmetry import symmetric_subspace
-
             t0 = time.perf_counter()
-            space = symmetric_subspace(self.box, self.config.symmetry, min(self.radius, self.box // 2 - 1))
+            space = self.symmetric_space()
             for h in (0, 1):
                 st.volumes[h] = space.project(st.volumes[h])
             self._volume_dev = [self.backend.to_device(st.volumes[0]), self.backend.to_device(st.volumes[1])]
@@ -1106,7 +1103,7 @@ class Reconstruction:
                     prep = self._prepared(part)
                     w = (1.0 / prep.noise_var.astype(np.float64))
                     rot = be.to_device(prep.rotations)
-                    be.weighted_backproject(be.to_device(prep.data), rot,
+                    weighted_backproject(be, be.to_device(prep.data), rot,
                                             be.to_device((0.5 * w).astype(np.float32)), self.radius, sums.target(h))
                     sums.commit()
                     be.insert_weights(rot, self._insert_input(prep, t2, w), sums.target(2 + h))
@@ -1154,7 +1151,7 @@ class Reconstruction:
                     prep, rot, resid, losses, scores = self._forward(part, volume_dev)
                     robust = pass_weights(scores, self.schedule, reference)
                     w = robust / prep.noise_var.astype(np.float64)
-                    be.weighted_backproject(resid, rot, be.to_device((-0.5 * w).astype(np.float32)), self.radius,
+                    weighted_backproject(be, resid, rot, be.to_device((-0.5 * w).astype(np.float32)), self.radius,
                                             sums.target(h))
                     sums.commit()
                     if with_kernel:
@@ -1257,8 +1254,7 @@ class Reconstruction:
 
         cfg = self.config
         n = self.box
-        outer = float(cfg.radius_px if cfg.radius_px is not None else n // 2 - 1)
-        outer = min(outer, n // 2 - 1)
+        outer = min(self.radius, self.max_radius_px)
         self.radius = outer
         b, kernel_full = self._kernel_pass(st)
         kernel_full = self._symmetrize_cg(kernel_full, fourier=True)
@@ -1468,7 +1464,7 @@ class Reconstruction:
                               adam_v=np.zeros(0, np.float32), adam_t=0, arrays=arrays, config=self.config.to_dict(),
                               state={"solver": small, "history": st.history, "n_ranks": self.comm.size,
                                      "particles_fingerprint": self._fingerprint(),
-                                     "provenance": _provenance(), "seed": self.config.seed, "lr_abs": [0.0, 0.0]})
+                                     "provenance": environment(), "seed": self.config.seed, "lr_abs": [0.0, 0.0]})
             save_checkpoint(self.out, ckpt)
             self.last_checkpoint_epoch = st.epoch
             return
@@ -1478,7 +1474,7 @@ class Reconstruction:
             config=self.config.to_dict(),
             state={"lr_abs": [float(v) for v in st.lr_abs], "history": st.history, "n_ranks": self.comm.size,
                    "particles_fingerprint": self._fingerprint(),
-                   "data_scale": st.data_scale, "provenance": _provenance(), "seed": self.config.seed},
+                   "data_scale": st.data_scale, "provenance": environment(), "seed": self.config.seed},
         )
         save_checkpoint(self.out, ckpt)
         self.last_checkpoint_epoch = st.epoch
@@ -1494,7 +1490,7 @@ class Reconstruction:
         # "#" lines first: the version and the command (readers skip them, e.g. read_csv(comment="#"))
         lines = comment_lines() + [",".join(keys)] + [
             ",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k]) for k in keys) for row in history]
-        atomic_write_text(self.out / "history.csv", "\n".join(lines) + "\n")
+        atomic_write_text(self.out / HISTORY_CSV, "\n".join(lines) + "\n", durable=True)
 
     def _write_split(self, st: RunState) -> None:
         """Write the half split and hold-out back out, so a seeded random split is on record."""
@@ -1502,7 +1498,7 @@ class Reconstruction:
 
         lines = comment_lines() + ["particle,half_set,cross_validation"] + [
             f"{i},{h},{int(c)}" for i, (h, c) in enumerate(zip(st.halves, st.cv))]
-        atomic_write_text(self.out / "half_sets.csv", "\n".join(lines) + "\n")
+        atomic_write_text(self.out / HALF_SETS_CSV, "\n".join(lines) + "\n", durable=True)
 
     # ------------------------------------------------------------------ outputs
     def _final_scores(self, st: RunState) -> tuple[np.ndarray, np.ndarray]:
@@ -1528,7 +1524,7 @@ class Reconstruction:
         losses, scores = self._final_scores(st)
         summary: dict[str, Any] = {}
         if self.comm.is_root:
-            from numba_recon.report import write_run_outputs
+            from numba_recon.report.outputs import write_run_outputs
 
             summary = write_run_outputs(self, st, losses, scores)
         self.timings["outputs_s"] = time.perf_counter() - t0
@@ -1540,14 +1536,6 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, comm:
     """Run a reconstruction (all ranks call this). Returns ``summary.json``'s content."""
     job = Reconstruction(config, comm=comm, progress=progress, resume=resume)
     return job.run()
-
-
-def describe_environment(backend_name: str) -> dict[str, Any]:
-    info = _provenance()
-    info["mpi"] = describe_mpi()
-    info["backend"] = backend_name
-    info["numba_threads"] = int(os.environ.get("NUMBA_NUM_THREADS", "0")) or None
-    return info
 
 
 __all__ = ["Reconstruction", "run", "RunConfig"]

@@ -1,8 +1,7 @@
 """The forward stage: ``q = P x``, ``s = H^2 q``, per-particle residuals and losses.
 
-Functions here take a :class:`~numba_recon.backend.Backend` and run its kernels; they are the
-only callers of the projector outside the kernel packages, so the engine, the ``project`` command
-and the tests all go through the same code path.
+Functions here take a :class:`~numba_recon.backend.Backend` and run its kernels; the engine, the
+``project`` command, the benchmarks and the tests all go through them.
 """
 
 from __future__ import annotations
@@ -12,22 +11,11 @@ from typing import Any
 import numpy as np
 
 from numba_recon.backend import Backend
-
-
-def default_radius_px(box_size: int) -> float:
-    """Default support radius of a box of ``box_size`` pixels: ``box_size // 2 - 1``.
-
-    The largest sphere around the centre ``N // 2`` whose bilinear footprint stays inside the
-    image for every orientation, for odd and even ``N``.
-    """
-    n = int(box_size)
-    if n < 2:
-        raise ValueError(f"box_size must be >= 2, got {box_size!r}")
-    return float(n // 2 - 1)
+from numba_recon.geometry import default_radius_px  # noqa: F401  (the callers' name for it)
 
 
 def forward_residual(backend: Backend, volume: Any, rotations: Any, filters2: Any, data: Any, data_norm2: Any,
-                     radius_px: float, residual_out: Any, loss_out: Any) -> None:
+                     radius_px: float, residual_out: Any, loss_out: Any, energy_out: Any = None) -> None:
     """Residuals and losses of one batch of particles (overwrites ``residual_out`` and ``loss_out``).
 
     ``residual_out[b] = H_b^2 P_b x - data[b]`` and
@@ -56,8 +44,12 @@ def forward_residual(backend: Backend, volume: Any, rotations: Any, filters2: An
         ``(b, N, N)``, overwritten.
     loss_out
         ``(b,)``, overwritten.
+    energy_out
+        ``(b,)`` or None: ``<P_b x, H_b^2 P_b x>``, the model image's energy (what normalises the
+        per-particle scores), overwritten.
     """
-    backend.forward_residual(volume, rotations, filters2, data, data_norm2, radius_px, residual_out, loss_out)
+    backend.forward_residual(volume, rotations, filters2, data, data_norm2, radius_px, residual_out, loss_out,
+                             energy_out)
 
 
 def model_images(backend: Backend, volume: Any, rotations: Any, filters: Any | None, radius_px: float | None = None,

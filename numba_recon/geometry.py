@@ -167,3 +167,15 @@ def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
     q = rng.standard_normal((n, 4))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     return quaternion_to_rotation(q)
+
+
+def default_radius_px(box_size: int) -> float:
+    """Default support radius of a box of ``box_size`` pixels: ``box_size // 2 - 1``.
+
+    The largest sphere around the centre ``N // 2`` whose bilinear footprint stays inside the
+    image for every orientation, for odd and even ``N``.
+    """
+    n = int(box_size)
+    if n < 2:
+        raise ValueError(f"box_size must be >= 2, got {box_size!r}")
+    return float(n // 2 - 1)

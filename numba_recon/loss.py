@@ -42,17 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LOSSES = ("l2", "trimmed", "reweighted")
-
-
-def canonical_loss(name: str) -> str:
-    """Normalise a loss name (``sorted`` is an alias of ``trimmed``)."""
-    key = name.strip().lower()
-    if key == "sorted":
-        key = "trimmed"
-    if key not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of l2, trimmed (sorted), reweighted")
-    return key
+# The names live in the run configuration (which must not import this module); re-exported here,
+# where the losses are.
+from numba_recon.config import LOSS_ALIASES, LOSS_NAMES, LOSSES, canonical_loss  # noqa: F401
 
 
 def particle_scores(losses: np.ndarray, data_norm2: np.ndarray, energy: np.ndarray) -> np.ndarray:

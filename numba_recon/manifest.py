@@ -8,10 +8,9 @@ file whose size or modification time no longer matches was replaced or edited by
 is not ours any more: it is never removed.
 
 Recording is central. A command *activates* a :class:`Manifest` for its output folder; every write
-path reports to it: :func:`numba_recon.io.atomic_output` (MRC, STAR, ``.thu``, FSC tables, figures,
-post-processing), the checkpoint writer and ``atomic_write_text`` of :mod:`numba_recon.checkpoint`
-(checkpoints, ``latest.json``, ``history.csv``, ``half_sets.csv``, the report and summary files),
-and the report's own figure and model writers. Each write updates the manifest file (atomically,
+path reports to it: :func:`numba_recon.io.atomic.atomic_output` (MRC, STAR, ``.thu``, FSC tables,
+figures, post-processing, checkpoints, ``latest.json``, ``history.csv``, ``half_sets.csv``, the
+report and summary files). Each write updates the manifest file (atomically,
 written to a temporary name and renamed) before the new file is renamed into place, so a run killed
 at any moment leaves a manifest that covers everything it wrote. A file written outside an
 activated folder is still remembered for the life of the process (:func:`is_ours`), which is what
@@ -35,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from numba_recon.io.files import replace_text
 
 log = logging.getLogger(__name__)
 
@@ -204,16 +205,9 @@ class Manifest:
         if self.store_name is None:
             return
         final = Path(self.root) / self.store_name
-        tmp = final.with_name(final.name + ".tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(self.to_dict(), indent=1) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
+            replace_text(final, json.dumps(self.to_dict(), indent=1) + "\n")
         except OSError as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             if not self._save_failed:
                 log.warning("%s: cannot update the output manifest (%s); files written meanwhile will not be "
                             "removed by a later --overwrite", final, err.strerror or err)
@@ -505,16 +499,6 @@ def remove_if_ours(path: str | os.PathLike, root: str | os.PathLike | None = Non
     return True
 
 
-def mark(path: str | os.PathLike) -> Path:
-    """Write an empty marker file (atomically, replacing whatever has the name) and record it."""
-    from numba_recon.io import atomic_output
-
-    p = Path(path)
-    with atomic_output(p) as tmp:
-        tmp.touch()
-    return p
-
-
 def withdraw_markers(root: str | os.PathLike, names: Sequence[str] = MARKERS) -> None:
     """Remove job marker files: ours, or empty ones (an empty marker holds no data, and a stale
     ``..._SUCCESS`` would declare an unfinished run finished)."""
@@ -545,7 +529,8 @@ def start(root: str | os.PathLike, command: str, *, overwrite: bool = False, res
     patterns separately: they will be replaced when the command writes that name). ``folders``
     are the sub-folders this command writes into (searched for such files).
 
-    Resume: the stored manifest is continued (a new one is started when there is none).
+    Resume: the stored manifest is continued (a new one is started when there is none); the
+    temporary files a killed run was writing are removed.
 
     The manifest is stopped with :func:`deactivate` (for a click command, automatically when the
     command ends).
@@ -553,6 +538,11 @@ def start(root: str | os.PathLike, command: str, *, overwrite: bool = False, res
     old = Manifest.load(root, command)
     if resume:
         manifest = old if old is not None else Manifest(root, command)
+        # a killed run leaves the temporary files it was writing (half-written, ours): remove them
+        for rel in sorted(manifest.temporary):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(manifest.root, rel))
+        manifest.temporary.clear()
         manifest.begin_recording("resume")
         manifest.save()
         return _activate_for_command(manifest)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from numba_recon.checks import finite_above
 from numba_recon.errors import InputFileError
 from numba_recon.particles import ParticleSet
 
@@ -179,7 +180,7 @@ def _first_image(particles: ParticleSet, mask: np.ndarray) -> str:
 
 def _pixel_size_problem(particles: ParticleSet) -> tuple[str, str] | None:
     px = float(particles.pixel_size_angstrom)
-    if np.isfinite(px) and px > 0:
+    if finite_above(px):
         return None
     label = _pixel_size_label(particles)
     return (f"{label}: pixel size {_g(px)} A is not a positive length",

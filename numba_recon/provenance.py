@@ -29,6 +29,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["command_line", "comment_lines", "mrc_labels", "version_text"]
 
@@ -45,6 +46,27 @@ def version_text() -> str:
     from numba_recon import __version__
 
     return f"numba-recon {__version__}"
+
+
+def environment() -> dict[str, Any]:
+    """What produced a result: the version, the command's arguments, Python, numba and numpy
+    versions, the host and the time (checkpoints and ``summary.json`` keep it)."""
+    import platform
+
+    import numba
+    import numpy as np
+
+    from numba_recon import __version__
+
+    return {
+        "version": __version__,
+        "argv": list(sys.argv),
+        "python": platform.python_version(),
+        "numba": numba.__version__,
+        "numpy": np.__version__,
+        "host": platform.node(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:

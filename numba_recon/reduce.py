@@ -17,6 +17,7 @@ import ctypes
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -166,6 +167,10 @@ def get_comm() -> Comm:
     return _COMM
 
 
+#: Seconds a failing rank waits, its output flushed, before ``MPI_Abort`` ends the job.
+ABORT_GRACE_S = 0.5
+
+
 def install_abort_hook(comm: Comm) -> None:
     """Make an uncaught exception on any rank abort the whole job (``MPI_Abort``) at once.
 
@@ -188,6 +193,9 @@ def install_abort_hook(comm: Comm) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             if comm.mpi is not None:
+                # the launcher forwards a rank's output through a pipe; Abort tears the job down at
+                # once, and the message that says why could be cut off without a moment to drain it
+                time.sleep(ABORT_GRACE_S)
                 comm.mpi.Abort(1)
 
     sys.excepthook = hook

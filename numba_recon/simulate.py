@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from numba_recon.checks import finite_above
 from numba_recon import __version__, manifest
 from numba_recon.ctf import ctf_images
 from numba_recon.errors import InputError, OutputError
@@ -222,12 +223,12 @@ def _validate(n_particles, box_size, pixel_size_angstrom, snr, defocus_min_um, d
         raise bad("--n-particles", f"must be a positive integer (got {n_particles})", "use e.g. --n-particles 5000")
     if box_size is not None and (not float(box_size).is_integer() or box_size < 8):
         raise bad("--box-size", f"must be an integer >= 8 (got {box_size})", "use e.g. --box-size 64")
-    if pixel_size_angstrom is not None and not (np.isfinite(pixel_size_angstrom) and pixel_size_angstrom > 0):
+    if pixel_size_angstrom is not None and not finite_above(pixel_size_angstrom):
         raise bad("--angpix", f"must be a finite positive number (got {pixel_size_angstrom})",
                   "give the pixel size in Angstrom")
-    if not (np.isfinite(snr) and snr > 0):
+    if not finite_above(snr):
         raise bad("--snr", f"must be a finite positive number (got {snr})", "use e.g. --snr 0.1")
-    if not (np.isfinite(defocus_min_um) and defocus_min_um > 0):
+    if not finite_above(defocus_min_um):
         raise bad("--defocus-min", f"must be a finite positive number (got {defocus_min_um} um)",
                   "use e.g. --defocus-min 1.0")
     if not (np.isfinite(defocus_max_um) and defocus_max_um >= defocus_min_um):
@@ -238,7 +239,7 @@ def _validate(n_particles, box_size, pixel_size_angstrom, snr, defocus_min_um, d
         raise bad("--astigmatism",
                   f"must be finite, >= 0 and below the smallest defocus (got {astigmatism_angstrom} A)",
                   "use e.g. --astigmatism 200")
-    if not (np.isfinite(voltage_kv) and voltage_kv > 0):
+    if not finite_above(voltage_kv):
         raise bad("--voltage", f"must be a finite positive number (got {voltage_kv} kV)", "use e.g. --voltage 300")
     if not (np.isfinite(cs_mm) and cs_mm >= 0):
         raise bad("--cs", f"must be a finite number >= 0 (got {cs_mm} mm)", "use e.g. --cs 2.7")
@@ -609,7 +610,7 @@ def _write_outputs(out: Path, tmp: Path, plan: SimulationPlan, project_object: P
                    other_scale: float, noise_sigma: float, box: int, pix: float, pps: int, chunk: int,
                    noise_seed: np.random.SeedSequence, user_volume: np.ndarray | None, blobs: Blobs | None,
                    voltage_kv: float, cs_mm: float, amplitude_contrast: float) -> dict:
-    from numba_recon.io import atomic_output
+    from numba_recon.io.atomic import atomic_output
     from numba_recon.io.mrc import write_stack, write_volume
     from numba_recon.io.star import write_star
 
@@ -702,7 +703,7 @@ def _commit(tmp: Path, out: Path, record: dict, overwrite: bool) -> None:
     for src, dst in moves:
         listing.record(dst, manifest.signature(src), save=False)
     record[MANIFEST_KEY] = listing.to_dict()
-    from numba_recon.io import atomic_output
+    from numba_recon.io.atomic import atomic_output
 
     with atomic_output(tmp / SUMMARY_NAME) as path:
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

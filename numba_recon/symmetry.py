@@ -34,16 +34,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 
-from numba_recon.errors import InputError
+from numba_recon.geometry import default_radius_px
+from numba_recon.symmetry_names import MAX_CYCLIC_ORDER, VALID_NAMES, parse_symmetry_name  # noqa: F401
 
-#: Names accepted by :func:`symmetry_operators` (``n >= 1`` for ``Cn`` and ``Dn``).
-VALID_NAMES = ("C1", "Cn", "Dn", "T", "O", "I", "I1", "I2", "I3", "I4")
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +83,7 @@ def symmetry_generators(name: str) -> list[tuple[np.ndarray, int]]:
 
     Raises :class:`~numba_recon.errors.InputError` for an unknown name.
     """
-    key = _normalise_name(name)
+    key = parse_symmetry_name(name)
     z, x = (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)
     if key[0] == "C":
         gens = [(z, int(key[1:]))]
@@ -102,29 +100,6 @@ def symmetry_generators(name: str) -> list[tuple[np.ndarray, int]]:
         a = np.asarray(axis, dtype=np.float64)
         out.append((a / np.linalg.norm(a), n))
     return out
-
-
-#: The largest n of Cn and Dn (RELION's point groups in practice stay far below it).
-MAX_CYCLIC_ORDER = 360
-
-
-def _normalise_name(name: str) -> str:
-    key = str(name).strip().upper()
-    if key == "I":
-        return "I2"
-    if key in ("T", "O", "I1", "I2", "I3", "I4"):
-        return key
-    m = re.fullmatch(r"([CD])(\d+)", key)
-    if m and int(m.group(2)) >= 1:
-        n = int(m.group(2))
-        if n > MAX_CYCLIC_ORDER:
-            # beyond this the rotations are closer than the tolerance that tells operators apart: the
-            # group would not close (or collapse to C1 without a word)
-            raise InputError(f"symmetry group {name!r} has an order of {n}",
-                             fix=f"n must be between 1 and {MAX_CYCLIC_ORDER} for Cn and Dn")
-        return f"{m.group(1)}{n}"
-    raise InputError(f"unknown symmetry group {name!r}",
-                     fix=f"use one of {', '.join(VALID_NAMES)} (case-insensitive, n >= 1, e.g. C7 or D7)")
 
 
 def _close_group(generators: list[np.ndarray]) -> np.ndarray:
@@ -529,9 +504,10 @@ class SymmetricSubspace:
         if n < 4:
             raise ValueError(f"box size {n} is too small for a symmetric subspace")
         ops = np.ascontiguousarray(operators, dtype=np.float64).reshape(-1, 3, 3)
-        radius = float(n // 2 - 1 if radius_px is None else radius_px)
-        if not 0 < radius <= n // 2 - 1 + 1e-9:
-            raise ValueError(f"radius {radius} must lie in (0, {n // 2 - 1}] for box {n}")
+        largest = default_radius_px(n)
+        radius = largest if radius_px is None else float(radius_px)
+        if not 0 < radius <= largest + 1e-9:
+            raise ValueError(f"radius {radius} must lie in (0, {largest:g}] for box {n}")
         self.box_size = n
         self.operators = ops
         self.radius_px = radius
@@ -749,7 +725,7 @@ def _cached_subspace(box_size: int, group: str, radius_px: float | None) -> Symm
 
 def symmetric_subspace(box_size: int, group: str, radius_px: float | None = None) -> SymmetricSubspace:
     """The :class:`SymmetricSubspace` of a named point group (built once per process and size)."""
-    return _cached_subspace(int(box_size), _normalise_name(group),
+    return _cached_subspace(int(box_size), parse_symmetry_name(group),
                             None if radius_px is None else float(radius_px))
 
 

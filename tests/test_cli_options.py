@@ -330,6 +330,7 @@ def test_output_not_writable(runner, inputs, unwritable_dir, command, inside):
 # sizes larger than the data: must work
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_batch_larger_than_the_data_set(runner, inputs, tmp_path):
     """A batch larger than the data set is one full batch per step: same maps as a batch of exactly
     the data set's size, one optimiser step per epoch."""

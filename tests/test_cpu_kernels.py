@@ -12,7 +12,6 @@ import math
 import numba
 import numpy as np
 import pytest
-from conftest import backend_for_test
 
 from numba_recon import cpu
 from numba_recon.cpu import _support
@@ -65,12 +64,13 @@ def _bilinear_image(n: int, u: float, v: float) -> np.ndarray:
     return img
 
 
-@pytest.mark.parametrize(("backend_name", "n"), [("cpu", 12), ("cpu", 13), ("cuda", 12)])
-def test_splat_table_positions(backend_name, n):
-    be = backend_for_test(backend_name)
+@pytest.mark.parametrize(("backend", "n"), [("cpu", 12), ("cpu", 13), pytest.param("cuda", 12, marks=pytest.mark.slow)],
+                         indirect=["backend"])
+def test_splat_table_positions(backend, n):
+    be = backend
     c = n // 2
     voxels = sorted({row[1] for row in SPLAT_TABLE})
-    if backend_name == "cuda":
+    if be.name == "cuda":
         voxels = [(5, 0, 0)]  # its two table rows in one simulator call
     for voxel in voxels:
         rows = [row for row in SPLAT_TABLE if row[1] == voxel]
@@ -88,10 +88,11 @@ def test_splat_table_positions(backend_name, n):
             np.testing.assert_allclose(img, _bilinear_image(n, u, v), atol=1e-5)
 
 
-@pytest.mark.parametrize(("backend_name", "n", "count"),
-                         [("cpu", 16, 100), ("cpu", 17, 100), ("cuda", 8, 2), ("cuda", 9, 2)])
-def test_centre_voxel_projects_to_image_centre(backend_name, n, count):
-    be = backend_for_test(backend_name)
+@pytest.mark.parametrize(("backend", "n", "count"),
+                         [("cpu", 16, 100), ("cpu", 17, 100), ("cuda", 8, 2), ("cuda", 9, 2)],
+                         indirect=["backend"])
+def test_centre_voxel_projects_to_image_centre(backend, n, count):
+    be = backend
     c = n // 2
     volume = np.zeros((n, n, n))
     volume[c, c, c] = 1.0
@@ -104,16 +105,16 @@ def test_centre_voxel_projects_to_image_centre(backend_name, n, count):
 
 # --- adjoint ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("backend_name", "dtype", "n", "radius"), [
+@pytest.mark.parametrize(("backend", "dtype", "n", "radius"), [
     ("cpu", np.float64, 16, None), ("cpu", np.float64, 17, None), ("cpu", np.float64, 15, math.inf),
     ("cpu", np.float32, 16, None), ("cpu", np.float32, 17, None),
-    ("cuda", np.float32, 8, None), ("cuda", np.float32, 9, None),
-])
-def test_backproject_is_adjoint_of_project(backend_name, dtype, n, radius):
+    ("cuda", np.float32, 8, None), pytest.param("cuda", np.float32, 9, None, marks=pytest.mark.slow),
+], indirect=["backend"])
+def test_backproject_is_adjoint_of_project(backend, dtype, n, radius):
     """<P x, y> = <x, P^T y>; radius inf includes the box corners, whose splats leave the image."""
-    be = backend_for_test(backend_name)
+    be = backend
     rng = np.random.default_rng(n)
-    b = 2 if backend_name == "cuda" else 5
+    b = 2 if be.name == "cuda" else 5
     radius = n // 2 - 1 if radius is None else radius
     rotations = random_rotations(b, rng)
     x = rng.standard_normal((n, n, n)).astype(dtype)
@@ -190,11 +191,11 @@ def _ctfs(rng, b, n, pixel_size_angstrom=2.0):
     return ctf_images(params, n, pixel_size_angstrom, half=False, dtype=np.float64)
 
 
-@pytest.mark.parametrize(("backend_name", "dtype", "n"), [
+@pytest.mark.parametrize(("backend", "dtype", "n"), [
     ("cpu", np.float64, 16), ("cpu", np.float64, 17), ("cpu", np.float32, 17), ("cuda", np.float32, 8),
-])
-def test_fourier_filter_matches_fft2(backend_name, dtype, n):
-    be = backend_for_test(backend_name)
+], indirect=["backend"])
+def test_fourier_filter_matches_fft2(backend, dtype, n):
+    be = backend
     rng = np.random.default_rng(n)
     b = 2
     images = rng.standard_normal((b, n, n))
@@ -209,16 +210,16 @@ def test_fourier_filter_matches_fft2(backend_name, dtype, n):
         np.testing.assert_allclose(got, expected, atol=(1e-5 if dtype == np.float32 else 1e-12) * scale)
 
 
-@pytest.mark.parametrize(("backend_name", "dtype", "n"), [
-    ("cpu", np.float64, 14), ("cpu", np.float32, 15), ("cuda", np.float32, 8),
-])
-def test_forward_residual_matches_direct_computation(backend_name, dtype, n):
+@pytest.mark.parametrize(("backend", "dtype", "n"), [
+    ("cpu", np.float64, 14), ("cpu", np.float32, 15), pytest.param("cuda", np.float32, 8, marks=pytest.mark.slow),
+], indirect=["backend"])
+def test_forward_residual_matches_direct_computation(backend, dtype, n):
     """loss = ||H P x - b'||^2 and residual = H (H P x - b'), computed here with numpy FFTs.
 
     Both identities need ``filters2 = H^2`` to be the square of the filter H applies, so H is
     made exactly even (see :func:`_even_part`).
     """
-    be = backend_for_test(backend_name)
+    be = backend
     rng = np.random.default_rng(3)
     b = 2
     radius = n // 2 - 1

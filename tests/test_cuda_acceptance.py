@@ -40,6 +40,7 @@ def quick_run(tmp_path_factory):
     return proc, result, tmp
 
 
+@pytest.mark.mpi
 @pytest.mark.slow
 def test_quick_acceptance_runs_every_step_in_the_simulator(quick_run):
     proc, result, _ = quick_run
@@ -65,6 +66,7 @@ def test_quick_acceptance_runs_every_step_in_the_simulator(quick_run):
     assert lines[-1].startswith("acceptance: ") and ", 0 failed, " in lines[-1]
 
 
+@pytest.mark.mpi
 @pytest.mark.slow
 def test_quick_acceptance_figures(quick_run):
     _, result, _ = quick_run
@@ -118,6 +120,7 @@ def test_quick_acceptance_figures(quick_run):
         assert mpi["figures"]["fsc_min"] > acceptance.FSC_MIN
 
 
+@pytest.mark.mpi
 @pytest.mark.slow
 def test_quick_acceptance_keeps_its_workdir_when_given(quick_run):
     _, result, tmp = quick_run

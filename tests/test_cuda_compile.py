@@ -45,6 +45,7 @@ def compiled() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_hopper_and_ampere(compiled):
     assert set(compiled["sm90"]) == set(compile_check.KERNELS)
     assert {"project", "backproject", "dft_stage", "residual_loss", "fill"} <= set(compile_check.KERNELS)
@@ -53,18 +54,21 @@ def test_every_kernel_compiles_for_hopper_and_ampere(compiled):
         assert all(n > 1000 for n in compiled[chars].values()), compiled[chars]
 
 
+@pytest.mark.slow
 def test_hot_kernels_do_no_float64_arithmetic(compiled):
     # a float64 literal in a float32 expression silently promotes it; on most GPUs that costs 2-64x
     for name in compile_check.FLOAT32_ONLY:
         assert compiled["sm90"][name]["f64_ops"] == 0, name
 
 
+@pytest.mark.slow
 def test_hot_kernels_keep_their_state_in_registers(compiled):
     # the 4 x 4 accumulator of the DFT kernel must not spill to local memory
     for name in compile_check.FLOAT32_ONLY:
         assert compiled["sm90"][name]["local_bytes"] == 0, name
 
 
+@pytest.mark.slow
 def test_projector_splats_through_shared_memory_and_backprojector_gathers(compiled):
     report = compiled["sm90"]
     assert report["project"]["shared_atomics"] >= 4     # the four corners into the shared tile
@@ -107,6 +111,7 @@ def test_device_check_preamble_kernel_compiles():
         assert ".f64" not in text, target
 
 
+@pytest.mark.slow
 def test_optimiser_step_kernels_compile_in_float32(compiled):
     # the adam step runs on the device every minibatch: float32 throughout, nothing spilled
     for name in ("adam", "scale_gradient", "adam_decay"):

@@ -19,7 +19,6 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import backend_for_test
 
 from numba_recon import cpu
 from numba_recon import cuda as nc
@@ -37,11 +36,11 @@ simulator_only = pytest.mark.skipif(not _target.SIMULATOR, reason="inspects the 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _cuda_backend():
+def _cuda_backend(make_backend):
     import importlib
 
     project_module = importlib.import_module("numba_recon.cuda.project")  # the package exports a function of that name
-    backend_for_test("cuda")  # skips, naming the reason, when a requested real GPU is unusable
+    make_backend("cuda")  # skips, naming the reason, when a requested real GPU is unusable
     # the simulator emulates the warp intrinsics only when asked: these tests check the aggregation
     emulated = project_module.SIMULATE_WARPS
     project_module.SIMULATE_WARPS = True
@@ -135,9 +134,9 @@ def test_launch_grid_explicit_slices():
 
 @pytest.mark.parametrize(("n", "nb", "tpb", "radius"), [
     (8, 1, 512, 3.5),      # one image, one brick
-    (8, 33, 512, 3.5),     # 3 slices of one group, the last holding one image
-    (9, 17, 128, 4.0),     # odd box, 20 bricks of 8 x 8 x 2, 2 slices
-    (12, 5, 512, 5.0),     # even box, 8 bricks, partial bricks at the edges
+    pytest.param(8, 33, 512, 3.5, marks=pytest.mark.slow),  # 3 slices of one group, the last holding one image
+    pytest.param(9, 17, 128, 4.0, marks=pytest.mark.slow),  # odd box, 20 bricks of 8 x 8 x 2, 2 slices
+    pytest.param(12, 5, 512, 5.0, marks=pytest.mark.slow),  # even box, 8 bricks, partial bricks at the edges
 ])
 def test_random_rotations_match_cpu_twin(n, nb, tpb, radius):
     rng = np.random.default_rng(1000 * n + nb)
@@ -148,6 +147,7 @@ def test_random_rotations_match_cpu_twin(n, nb, tpb, radius):
     assert rel_err(got, cpu_project(volume, rot, radius)) < RTOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("n", "tpb"), [(8, 512), (9, 128)])
 def test_axis_aligned_views_match_cpu_twin(n, tpb):
     # Views along x put the 8 voxels of a warp row on one pixel, views along y the 4 rows of a
@@ -160,6 +160,7 @@ def test_axis_aligned_views_match_cpu_twin(n, tpb):
     assert rel_err(got, cpu_project(volume, rot, radius)) < RTOL
 
 
+@pytest.mark.slow
 def test_nearly_axis_aligned_views_match_cpu_twin():
     # A fraction of a degree off the axes: lanes of a row mostly share a pixel, but some fall on
     # the next one, so groups of every size occur.
@@ -172,6 +173,7 @@ def test_nearly_axis_aligned_views_match_cpu_twin():
     assert rel_err(got, cpu_project(volume, rot, 3.5)) < RTOL
 
 
+@pytest.mark.slow
 def test_non_orthonormal_matrices_match_numpy_reference():
     # Stretched and sheared matrices throw some corners outside the brick's tile: those lanes take
     # the global-memory path while their warp aggregates the rest. The CPU twin accepts rotations
@@ -188,6 +190,7 @@ def test_non_orthonormal_matrices_match_numpy_reference():
     assert rel_err(got, numpy_project(volume, rot, 3.5)) < RTOL
 
 
+@pytest.mark.slow
 def test_every_split_gives_the_same_images():
     n, nb = 8, 20   # two groups, the second of 4 images
     rng = np.random.default_rng(11)
@@ -205,6 +208,7 @@ def test_every_split_gives_the_same_images():
     assert rel_err(nc.to_host(out), ref) < RTOL
 
 
+@pytest.mark.slow
 def test_backproject_is_adjoint_of_split_project():
     n, nb = 9, 17
     rng = np.random.default_rng(17)
@@ -265,6 +269,7 @@ def _tile_keys_per_warp(n: int, rot: np.ndarray, radius: float) -> tuple[int, in
     return 4 * lanes, 4 * groups
 
 
+@pytest.mark.slow
 @simulator_only
 def test_lanes_on_the_same_pixel_make_one_shared_add(monkeypatch):
     from numba.cuda.simulator import kernelapi
@@ -331,6 +336,7 @@ print(json.dumps(counts))
 """
 
 
+@pytest.mark.slow
 def test_project_kernel_compiles_with_warp_aggregation():
     import json
 

@@ -112,8 +112,10 @@ def f32(a: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize(("n", "threads_per_block", "radius_px"), [
     (8, 64, 3.5),         # one-plane bricks; support touches the image edge, corners dropped
-    (9, 128, math.inf),   # odd box, partial bricks, whole box: many corners fall off the image
-    (12, 256, 5.0),       # 8 x 8 x 4 bricks, tiles shifted against the image (512: other tests)
+    # odd box, partial bricks, whole box: many corners fall off the image
+    pytest.param(9, 128, math.inf, marks=pytest.mark.slow),
+    # 8 x 8 x 4 bricks, tiles shifted against the image (512: other tests)
+    pytest.param(12, 256, 5.0, marks=pytest.mark.slow),
 ])
 def test_project_and_backproject_match_dense_gold(n, threads_per_block, radius_px, rng):
     nb = 2
@@ -303,6 +305,7 @@ def _forward_residual(p: dict[str, np.ndarray], volume: np.ndarray, radius: floa
     return nc.to_host(res), nc.to_host(loss)
 
 
+@pytest.mark.slow
 def test_forward_residual_and_weighted_backproject_match_gold(rng):
     n, nb, radius = 8, 2, 3.5
     p = _problem(n, nb, rng)
@@ -321,6 +324,7 @@ def test_forward_residual_and_weighted_backproject_match_gold(rng):
     assert rel_err(nc.to_host(grad) - grad0, expected) < RTOL
 
 
+@pytest.mark.slow
 def test_gradient_path_trapezoid_identity(rng):
     # L(x) = sum_b w_b loss_b(x) is quadratic in x, so the trapezoid rule is exact:
     # L(x) - L(0) = <grad L(x) + grad L(0), x> / 2. L(0) = sum_b w_b data_norm2[b] and the residual
@@ -340,6 +344,7 @@ def test_gradient_path_trapezoid_identity(rng):
     assert abs(lhs - rhs) <= DOT_RTOL * abs(rhs)
 
 
+@pytest.mark.slow
 def test_matches_cpu_backend(rng):
     try:
         from numba_recon import cpu
@@ -457,6 +462,7 @@ def test_cuda_is_imported_only_by_the_target_module():
     assert importers == ["_target.py"]
 
 
+@pytest.mark.slow
 def test_device_check_simulator_smoke(tmp_path):
     out = tmp_path / "device_check.json"
     assert device_check.main(["--simulator-smoke", "--out", str(out)]) == 0
@@ -467,7 +473,8 @@ def test_device_check_simulator_smoke(tmp_path):
     assert result["correctness"]["passed"] is True and all(c["passed"] for c in checks)
     assert {"dot_project_backproject", "dot_fourier_filter", "gradient_central_difference",
             "centre_voxel"} <= {c["name"] for c in checks}
-    assert {row["op"] for row in result["timing"]} == {"project", "backproject", "loss_and_gradient", "prepare_particles"}
+    assert {row["op"] for row in result["timing"]} == {"project", "backproject", "loss_and_gradient",
+                                                       "prepare_particles"}
     assert all(row["images_per_s"] > 0 for row in result["timing"])
     for case in ("global_distinct", "global_512_threads_per_address", "shared_conflict_free"):
         assert result["atomics"][case]["sum_correct"] is True

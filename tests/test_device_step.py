@@ -23,7 +23,6 @@ import pytest
 from numba_recon.config import RunConfig
 from numba_recon.engine import EpochStats, Reconstruction
 from numba_recon.step import AdamState, adam_step
-from conftest import backend_for_test
 
 BOX = 8
 N_PARTICLES = 24
@@ -58,9 +57,8 @@ def _reference_step(params, grad, m, v, lr, t, scale, ridge):
     return g
 
 
-@pytest.mark.parametrize("name", ["cpu", "cuda"])
-def test_adam_update_is_the_host_step(name):
-    be = backend_for_test(name)
+def test_adam_update_is_the_host_step(backend):
+    be = backend
     rng = np.random.default_rng(7)
     shape = (2, 5, 6, 7)
     params = rng.standard_normal(shape).astype(np.float32)
@@ -78,15 +76,14 @@ def test_adam_update_is_the_host_step(name):
         be.adam_update(dev[0], grad_dev, dev[1], dev[2], lr, 0.9, 0.999, 1e-8, t, scale, ridge)
         np.testing.assert_array_equal(be.to_host(grad_dev), used)  # the gradient the step used
     for got, want in zip(dev, (params, m, v)):
-        if name == "cpu":
+        if be.name == "cpu":
             np.testing.assert_array_equal(be.to_host(got), want)  # bit for bit
         else:  # a GPU may fuse a multiply and an add; the simulator does not
             np.testing.assert_allclose(be.to_host(got), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("name", ["cpu", "cuda"])
-def test_prescaled_gradient_and_buffer_helpers(name):
-    be = backend_for_test(name)
+def test_prescaled_gradient_and_buffer_helpers(backend):
+    be = backend
     rng = np.random.default_rng(8)
     shape = (2, 4, 4, 4)
     params = rng.standard_normal(shape).astype(np.float32)
@@ -195,6 +192,7 @@ def _volume_copies(events: list) -> list:
     return [e for e in events if e[0] == "d2h" and len(e[1]) >= 3 and e[1][-3:] == [BOX] * 3]
 
 
+@pytest.mark.slow
 def test_a_plain_l2_step_copies_nothing_to_the_host_and_allocates_nothing(device_run):
     epoch = device_run["epochs"][0]
     assert epoch["n_steps"] >= 2
@@ -202,6 +200,7 @@ def test_a_plain_l2_step_copies_nothing_to_the_host_and_allocates_nothing(device
     assert [e for e in epoch["steps"] if e[0] == "alloc"] == []
 
 
+@pytest.mark.slow
 def test_a_robust_step_copies_only_per_particle_vectors(device_run):
     epoch = device_run["epochs"][1]
     copies = [e for e in epoch["steps"] if e[0] == "d2h"]
@@ -213,6 +212,7 @@ def test_a_robust_step_copies_only_per_particle_vectors(device_run):
     assert [e for e in epoch["steps"] if e[0] == "alloc"] == []
 
 
+@pytest.mark.slow
 def test_maps_and_moments_leave_the_device_once_per_epoch(device_run):
     for epoch in device_run["epochs"]:
         assert _volume_copies(epoch["steps"]) == []
@@ -224,6 +224,7 @@ def test_maps_and_moments_leave_the_device_once_per_epoch(device_run):
         assert len(losses) == 4
 
 
+@pytest.mark.slow
 def test_simulator_maps_equal_cpu_maps(device_run, tmp_path):
     config = RunConfig(particles=str(device_run["star"]), out_dir=str(tmp_path / "cpu"), backend="cpu", **_CONFIG)
     job = Reconstruction(config, progress=False)
@@ -314,6 +315,7 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [
     {},
     {"loss": "trimmed", "robust_warmup": 1},

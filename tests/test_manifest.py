@@ -8,10 +8,7 @@ runner, or as a ``python -m numba_recon`` subprocess where the run is SIGKILLed
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +18,7 @@ from numba_recon.cli import main
 from numba_recon.manifest import MANIFEST_NAME
 
 COMMON = ["--epochs", "2", "--backend", "cpu", "--batch-size", "32", "--seed", "5", "--no-early-stop"]
-BOX, ANGPIX = 24, 4.0
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    env.pop("NUMBA_RECON_FAULT", None)
-    env["NUMBA_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
-
-
-def _cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "numba_recon", *args], capture_output=True, text=True, timeout=300,
-                          env=_env(**env))
+ANGPIX = 4.0  # pixel size of the shared data set (sim_box24)
 
 
 def _files(out: Path) -> set[str]:
@@ -62,25 +45,27 @@ def _assert_manifest_covers(out: Path, user: set[str] = frozenset()) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """A small simulated data set and a soft mask made from its truth."""
+def star(sim_box24) -> str:
+    """A small simulated data set (box 24, 4 A/px)."""
+    return str(sim_box24 / "particles.star")
+
+
+@pytest.fixture(scope="module")
+def mask(sim_box24, tmp_path_factory) -> Path:
+    """A soft mask made from the data set's truth."""
     from numba_recon.evaluate.mask import auto_threshold, create_mask
     from numba_recon.io.mrc import read_volume, write_volume
-    from numba_recon.simulate import simulate_dataset
 
-    d = tmp_path_factory.mktemp("manifest")
-    simulate_dataset(d / "sim", n_particles=300, box_size=BOX, pixel_size_angstrom=ANGPIX, snr=0.5, seed=11,
-                     particles_per_stack=100, max_shift_px=2.0)
-    truth, _ = read_volume(d / "sim" / "truth.mrc")
+    truth, _ = read_volume(sim_box24 / "truth.mrc")
     mask = create_mask(truth, auto_threshold(truth), extend_px=2, soft_edge_px=4, lowpass_angstrom=15,
                        pixel_size_angstrom=ANGPIX)
-    write_volume(d / "mask.mrc", mask, ANGPIX)
-    return d
+    path = tmp_path_factory.mktemp("manifest") / "mask.mrc"
+    write_volume(path, mask, ANGPIX)
+    return path
 
 
-def _run(runner, data: Path, out: Path, *extra: str, quiet: bool = False):
-    res = runner.invoke(main, [*(["-q"] if quiet else []), "run", str(data / "sim" / "particles.star"), "-o", str(out),
-                               *COMMON, *extra])
+def _run(runner, star: str, out: Path, *extra: str, quiet: bool = False):
+    res = runner.invoke(main, [*(["-q"] if quiet else []), "run", star, "-o", str(out), *COMMON, *extra])
     assert res.exit_code == 0, (res.output, res.exception)
     return res
 
@@ -89,19 +74,20 @@ def _run(runner, data: Path, out: Path, *extra: str, quiet: bool = False):
 # run --overwrite
 # --------------------------------------------------------------------------------------------
 
-def test_run_overwrite_keeps_user_files_and_folders_in_checkpoints(data, tmp_path, runner):
+@pytest.mark.slow
+def test_run_overwrite_keeps_user_files_and_folders_in_checkpoints(star, tmp_path, runner):
     """A file and a sub-folder the user put into checkpoints/ survive ``run --overwrite`` (it used to
     delete every file there and stop with IsADirectoryError on a folder); the warning names them;
     the previous run's checkpoints are gone and the new run's manifest covers exactly its files."""
     out = tmp_path / "run"
-    _run(runner, data, out, quiet=True)
+    _run(runner, star, out, quiet=True)
     notes = out / "checkpoints" / "notes.txt"
     notes.write_text("my notes")
     (out / "checkpoints" / "mine").mkdir()
     (out / "checkpoints" / "mine" / "inner.h5").write_bytes(b"precious")
     (out / "checkpoints" / "ckpt_e0099.h5").write_bytes(b"a file of mine named like a checkpoint")
     before = _files(out)
-    res = _run(runner, data, out, "--overwrite", "--epochs", "3")
+    res = _run(runner, star, out, "--overwrite", "--epochs", "3")
     assert notes.read_text() == "my notes"
     assert (out / "checkpoints" / "mine" / "inner.h5").read_bytes() == b"precious"
     assert (out / "checkpoints" / "ckpt_e0099.h5").read_bytes() == b"a file of mine named like a checkpoint"
@@ -121,17 +107,18 @@ def test_run_overwrite_keeps_user_files_and_folders_in_checkpoints(data, tmp_pat
     assert manifest.active_for(out / "later.txt") is None  # recording ends with the command
 
 
-def test_overwrite_without_mask_leaves_no_stale_postprocess_or_scores(data, tmp_path, runner):
+@pytest.mark.slow
+def test_overwrite_without_mask_leaves_no_stale_postprocess_or_scores(star, mask, tmp_path, runner):
     """A run with --mask and a robust loss (postprocess/, plots/scores.png) followed by
     ``run --overwrite`` without them: none of the old run's post-processing or score files stay
     beside the new maps; only a file the user edited since is kept, and named."""
     out = tmp_path / "run"
-    _run(runner, data, out, "--mask", str(data / "mask.mrc"), "--loss", "trimmed", quiet=True)
+    _run(runner, star, out, "--mask", str(mask), "--loss", "trimmed", quiet=True)
     assert (out / "postprocess" / "postprocess.mrc").is_file() and (out / "plots" / "scores.png").is_file()
     assert "postprocess" in _assert_manifest_covers(out)["folders"]
     edited = out / "postprocess" / "postprocess.star"
     edited.write_text(edited.read_text() + "# my comment\n")
-    res = _run(runner, data, out, "--overwrite")
+    res = _run(runner, star, out, "--overwrite")
     assert sorted(p.name for p in (out / "postprocess").iterdir()) == ["postprocess.star"]
     assert edited.read_text().endswith("# my comment\n")
     assert "postprocess/postprocess.star" in res.stderr
@@ -140,12 +127,13 @@ def test_overwrite_without_mask_leaves_no_stale_postprocess_or_scores(data, tmp_
     _assert_manifest_covers(out, {"postprocess/postprocess.star"})
     # without anything of the user's left in it, the folder the old run created goes too
     edited.unlink()
-    _run(runner, data, out, "--overwrite", quiet=True)
+    _run(runner, star, out, "--overwrite", quiet=True)
     assert not (out / "postprocess").exists()
     _assert_manifest_covers(out)
 
 
-def test_overwrite_of_a_folder_without_manifest_removes_nothing_else(data, tmp_path, runner):
+@pytest.mark.slow
+def test_overwrite_of_a_folder_without_manifest_removes_nothing_else(star, tmp_path, runner):
     """An older run folder (no manifest) or a user folder: a file of another with the name of an
     output is refused (it used to be replaced), before anything is written; once it is moved away,
     everything else stays and is named in the warning."""
@@ -158,12 +146,11 @@ def test_overwrite_of_a_folder_without_manifest_removes_nothing_else(data, tmp_p
     (out / "readme.txt").write_text("about this folder")
     (out / "NUMBA_RECON_JOB_EXIT_SUCCESS").touch()
     before = {rel: (out / rel).read_bytes() for rel in _files(out)}
-    res = runner.invoke(main, ["-q", "run", str(data / "sim" / "particles.star"), "-o", str(out), *COMMON,
-                               "--overwrite"])
+    res = runner.invoke(main, ["-q", "run", star, "-o", str(out), *COMMON, "--overwrite"])
     assert res.exit_code == 2 and "run_class001.mrc" in res.output.strip().splitlines()[-1], res.output
     assert {rel: (out / rel).read_bytes() for rel in _files(out)} == before
     (out / "run_class001.mrc").rename(tmp_path / "my_map.mrc")
-    res = _run(runner, data, out, "--overwrite")
+    res = _run(runner, star, out, "--overwrite")
     assert (out / "postprocess" / "postprocess.mrc").read_bytes() == b"old post-processing"
     assert (out / "checkpoints" / "ckpt_e0005.h5").read_bytes() == b"old checkpoint"
     assert (out / "readme.txt").read_text() == "about this folder"
@@ -172,14 +159,14 @@ def test_overwrite_of_a_folder_without_manifest_removes_nothing_else(data, tmp_p
     _assert_manifest_covers(out, {"postprocess/postprocess.mrc", "checkpoints/ckpt_e0005.h5", "readme.txt"})
 
 
-def test_overwrite_refuses_to_replace_a_changed_output(data, tmp_path, runner):
+@pytest.mark.slow
+def test_overwrite_refuses_to_replace_a_changed_output(star, tmp_path, runner):
     """A map of ours that the user changed since (e.g. sharpened in place) is theirs now: refused."""
     out = tmp_path / "run"
-    _run(runner, data, out, quiet=True)
+    _run(runner, star, out, quiet=True)
     edited = out / "run_class001.mrc"
     edited.write_bytes(edited.read_bytes() + b"\0")
-    res = runner.invoke(main, ["-q", "run", str(data / "sim" / "particles.star"), "-o", str(out), *COMMON,
-                               "--overwrite"])
+    res = runner.invoke(main, ["-q", "run", star, "-o", str(out), *COMMON, "--overwrite"])
     assert res.exit_code == 2 and "run_class001.mrc" in res.output, res.output
     assert edited.read_bytes().endswith(b"\0")
 
@@ -188,12 +175,12 @@ def test_overwrite_refuses_to_replace_a_changed_output(data, tmp_path, runner):
 # killed runs and resume
 # --------------------------------------------------------------------------------------------
 
-def test_killed_run_then_overwrite_removes_exactly_its_files(data, tmp_path):
+@pytest.mark.slow
+def test_killed_run_then_overwrite_removes_exactly_its_files(star, tmp_path, cli):
     """A run SIGKILLed after its first pass leaves a manifest covering every file it wrote
     (checkpoints included); ``--overwrite`` then removes exactly those, and the user's files stay."""
-    star = str(data / "sim" / "particles.star")
     out = tmp_path / "run"
-    res = _cli(["-q", "run", star, "-o", str(out), *COMMON], NUMBA_RECON_FAULT="kill:epoch=1")
+    res = cli(["-q", "run", star, "-o", str(out), *COMMON], env={"NUMBA_RECON_FAULT": "kill:epoch=1"})
     assert res.returncode == -signal.SIGKILL, res.stderr
     killed = _assert_manifest_covers(out)
     assert "checkpoints/ckpt_e0001.h5" in killed["files"] and "half_sets.csv" in killed["files"]
@@ -202,7 +189,7 @@ def test_killed_run_then_overwrite_removes_exactly_its_files(data, tmp_path):
         (out / rel).parent.mkdir(exist_ok=True)
         (out / rel).write_text(rel)
     # the next run is killed before its first pass, so what is left shows what --overwrite removed
-    res = _cli(["-q", "run", star, "-o", str(out), *COMMON, "--overwrite"], NUMBA_RECON_FAULT="kill:epoch=0")
+    res = cli(["-q", "run", star, "-o", str(out), *COMMON, "--overwrite"], env={"NUMBA_RECON_FAULT": "kill:epoch=0"})
     assert res.returncode == -signal.SIGKILL, res.stderr
     second = _assert_manifest_covers(out, user)
     assert _files(out) == user | set(second["files"]) | {MANIFEST_NAME, "note.txt", "run.log"}
@@ -212,17 +199,17 @@ def test_killed_run_then_overwrite_removes_exactly_its_files(data, tmp_path):
         assert (out / rel).read_text() == rel
 
 
-def test_resume_continues_the_manifest(data, tmp_path):
+@pytest.mark.slow
+def test_resume_continues_the_manifest(star, tmp_path, cli):
     """Killed after pass 1, resumed to the end: one manifest, two sessions, listing every file the
     run wrote with its final size and time, and not the checkpoints pruning removed."""
-    star = str(data / "sim" / "particles.star")
     out = tmp_path / "run"
     epochs = ["--epochs", "4", *COMMON[2:]]
-    res = _cli(["-q", "run", star, "-o", str(out), *epochs], NUMBA_RECON_FAULT="kill:epoch=2")
+    res = cli(["-q", "run", star, "-o", str(out), *epochs], env={"NUMBA_RECON_FAULT": "kill:epoch=2"})
     assert res.returncode == -signal.SIGKILL, res.stderr
     assert "checkpoints/ckpt_e0002.h5" in _assert_manifest_covers(out)["files"]
     (out / "checkpoints" / "keep.txt").write_text("mine")
-    res = _cli(["-q", "run", "--resume", str(out)])
+    res = cli(["-q", "run", "--resume", str(out)])
     assert res.returncode == 0, res.stderr
     final = _assert_manifest_covers(out, {"checkpoints/keep.txt"})
     assert [s["mode"] for s in final["sessions"]] == ["new", "resume"]
@@ -311,11 +298,12 @@ def test_simulate_leftover_staging_of_a_killed_run_is_removed(tmp_path):
     assert (other / "mine.txt").read_text() == "mine"
 
 
-def test_report_command_keeps_the_manifest_complete(data, tmp_path, runner):
+@pytest.mark.slow
+def test_report_command_keeps_the_manifest_complete(star, tmp_path, runner):
     """``numba-recon report OUT`` redraws plots and the page: the manifest lists the new files, so a
     later ``--overwrite`` still knows them as the run's own."""
     out = tmp_path / "run"
-    _run(runner, data, out, quiet=True)
+    _run(runner, star, out, quiet=True)
     page = out / "report.html"
     old = page.stat().st_mtime_ns
     import time

@@ -41,7 +41,8 @@ def _naive_insert(rotations: np.ndarray, weights: np.ndarray) -> np.ndarray:
                     for dy in (0, 1):
                         for dx in (0, 1):
                             w = ((t[2] if dz else 1 - t[2]) * (t[1] if dy else 1 - t[1]) * (t[0] if dx else 1 - t[0]))
-                            out[(int(f[2]) + dz) % n, (int(f[1]) + dy) % n, (int(f[0]) + dx) % n] += w * weights[b, iv, iu]
+                            index = ((int(f[2]) + dz) % n, (int(f[1]) + dy) % n, (int(f[0]) + dx) % n)
+                            out[index] += w * weights[b, iv, iu]
     return out
 
 
@@ -71,12 +72,10 @@ def test_insert_matches_plain_gridding(rng, n):
     np.testing.assert_allclose(out32, out, rtol=1e-5, atol=1e-5)
 
 
-def test_insert_cuda_simulator_matches_cpu(rng):
-    from conftest import backend_for_test
-
+def test_insert_cuda_simulator_matches_cpu(rng, make_backend):
     from numba_recon.cpu import insert_weights
 
-    cuda = backend_for_test("cuda")
+    cuda = make_backend("cuda")
     n = 6
     rot = _random_rotations(rng, 3).astype(np.float32)
     w = rng.uniform(0.0, 1.0, (3, n, n)).astype(np.float32)

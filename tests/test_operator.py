@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import backend_for_test
 
 from numba_recon import adjoint, forward
 from numba_recon.backend import get_backend
@@ -50,15 +49,15 @@ def test_default_radius():
         forward.default_radius_px(1)
 
 
-@pytest.mark.parametrize(("backend_name", "dtype", "n"), [
+@pytest.mark.parametrize(("backend", "dtype", "n"), [
     ("cpu", np.float64, 16), ("cpu", np.float64, 17), ("cpu", np.float32, 16), ("cpu", np.float32, 17),
     ("cuda", np.float32, 8),
-])
-def test_ctf_operator_dot_test(backend_name, dtype, n):
+], indirect=["backend"])
+def test_ctf_operator_dot_test(backend, dtype, n):
     """<H P x, y> = <x, (H P)^T y> with real CTFs and random rotations."""
-    be = backend_for_test(backend_name)
+    be = backend
     rng = np.random.default_rng(n + 100)
-    b = 2 if backend_name == "cuda" else 4
+    b = 2 if be.name == "cuda" else 4
     rotations = random_rotations(b, rng)
     h = _ctfs(rng, b, n)
     x = rng.standard_normal((n, n, n))
@@ -72,16 +71,16 @@ def test_ctf_operator_dot_test(backend_name, dtype, n):
     assert abs(lhs - rhs) <= _tol(dtype) * abs(lhs)
 
 
-@pytest.mark.parametrize(("backend_name", "dtype", "n"), [
+@pytest.mark.parametrize(("backend", "dtype", "n"), [
     ("cpu", np.float64, 14), ("cpu", np.float64, 15), ("cpu", np.float32, 14), ("cpu", np.float32, 15),
-    ("cuda", np.float32, 8),
-])
-def test_gradient_path_is_twice_the_adjoint_of_the_residual(backend_name, dtype, n):
+    pytest.param("cuda", np.float32, 8, marks=pytest.mark.slow),
+], indirect=["backend"])
+def test_gradient_path_is_twice_the_adjoint_of_the_residual(backend, dtype, n):
     """forward_residual + weighted_backproject give loss_b = ||H_b P_b x - b'_b||^2 and
     grad = 2 sum_b w_b (H_b P_b)^T (H_b P_b x - b'_b), checked through <grad, y> for a random y."""
-    be = backend_for_test(backend_name)
+    be = backend
     rng = np.random.default_rng(n + 200)
-    b = 2 if backend_name == "cuda" else 4
+    b = 2 if be.name == "cuda" else 4
     radius = forward.default_radius_px(n)
     rotations = random_rotations(b, rng)
     h = _ctfs(rng, b, n)

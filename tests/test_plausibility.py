@@ -422,6 +422,7 @@ finite = st.floats(allow_nan=True, allow_infinity=True, width=64)
 @given(values=st.fixed_dictionaries({
     "defocus_u_angstrom": finite, "voltage_kv": finite, "cs_mm": finite, "amplitude_contrast": finite,
 }), shift=finite, pixel_size=finite, thu=st.booleans())
+@pytest.mark.slow
 @example(values=dict.fromkeys(("defocus_u_angstrom", "voltage_kv", "cs_mm", "amplitude_contrast"), 0.0),
          shift=6.741349255733686e307, pixel_size=1.0, thu=False)  # Angstrom / px underflowed
 @example(values={"defocus_u_angstrom": 1e4, "voltage_kv": 1e306, "cs_mm": 1e305, "amplitude_contrast": 0.1},

@@ -26,7 +26,6 @@ from numba_recon.cpu.prepare import (CTF_COLUMNS, background_means, ctf_paramete
                                      shift_phase)
 from numba_recon.ctf import ctf_images
 from numba_recon.particles import CTF_KEYS
-from conftest import backend_for_test
 
 #: device vs CPU, as a fraction of the largest CPU value of the output
 DATA_RTOL = 1e-5
@@ -176,9 +175,9 @@ def test_cpu_twin_writes_nothing_for_an_empty_batch():
 # device (simulator) against the CPU
 
 
-@pytest.mark.parametrize("n", [9, 10, 16])
-def test_device_matches_the_cpu(n):
-    be = backend_for_test("cuda")
+@pytest.mark.parametrize("n", [pytest.param(9, marks=pytest.mark.slow), pytest.param(10, marks=pytest.mark.slow), 16])
+def test_device_matches_the_cpu(n, make_backend):
+    be = make_backend("cuda")
     images, params, shifts, premult = _batch(n, 4 if n < 16 else 3, seed=n)
     mask = background_mask(n)
     want = _outputs(images.shape[0], n)
@@ -194,8 +193,8 @@ def test_device_matches_the_cpu(n):
     np.testing.assert_allclose(got[3], want[3], rtol=NOISE_RTOL)
 
 
-def test_device_matches_the_loader_on_a_simulated_set(tmp_path):
-    be = backend_for_test("cuda")
+def test_device_matches_the_loader_on_a_simulated_set(tmp_path, make_backend):
+    be = make_backend("cuda")
     p = _particles(tmp_path, 3, 10)
     index = np.arange(3)
     prep = BatchLoader(p, cache_bytes=0, prefetch=0).prepare(index)
@@ -207,8 +206,8 @@ def test_device_matches_the_loader_on_a_simulated_set(tmp_path):
     assert rel["data_norm2"] <= NORM_RTOL and rel["noise_var"] <= NOISE_RTOL, rel
 
 
-def test_device_takes_uint8_flags_and_an_empty_batch():
-    be = backend_for_test("cuda")
+def test_device_takes_uint8_flags_and_an_empty_batch(make_backend):
+    be = make_backend("cuda")
     n = 9
     images, params, shifts, premult = _batch(n, 2, seed=3)
     mask = background_mask(n)
@@ -222,11 +221,11 @@ def test_device_takes_uint8_flags_and_an_empty_batch():
                          be.zeros(0, np.uint8), 1.0, be.to_device(mask, None), *outs)
 
 
-def test_both_backends_export_prepare_particles():
-    assert backend_for_test("cpu").prepare_particles is cpu.prepare_particles
+def test_both_backends_export_prepare_particles(make_backend):
+    assert make_backend("cpu").prepare_particles is cpu.prepare_particles
     from numba_recon import cuda as nc
 
-    assert backend_for_test("cuda").prepare_particles is nc.prepare_particles
+    assert make_backend("cuda").prepare_particles is nc.prepare_particles
 
 
 # ------------------------------------------------------------------------------------------
@@ -278,8 +277,8 @@ def test_cpu_refuses_bad_arguments(name, value, error, message):
 
 @pytest.mark.parametrize("name, value, error, message", [a for a, _ in _DEVICE_CASES],
                          ids=[i for _, i in _DEVICE_CASES])
-def test_device_refuses_bad_arguments(name, value, error, message):
-    be = backend_for_test("cuda")
+def test_device_refuses_bad_arguments(name, value, error, message, make_backend):
+    be = make_backend("cuda")
     args = {k: v if k == "pixel_size_angstrom" else be.to_device(v, None) for k, v in _good_args().items()}
     if name != "pixel_size_angstrom":
         value = be.to_device(value, None)
@@ -288,8 +287,8 @@ def test_device_refuses_bad_arguments(name, value, error, message):
         be.prepare_particles(**args)
 
 
-def test_device_refuses_host_arrays():
-    be = backend_for_test("cuda")
+def test_device_refuses_host_arrays(make_backend):
+    be = make_backend("cuda")
     args = {k: v if k == "pixel_size_angstrom" else be.to_device(v, None) for k, v in _good_args().items()}
     args["shifts_px"] = np.zeros((2, 2))
     with pytest.raises(TypeError, match="shifts_px: expected a CUDA device array"):
@@ -323,6 +322,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_prepare_kernels_compile_for_hopper_and_ampere():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,

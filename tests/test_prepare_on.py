@@ -88,6 +88,7 @@ def _maps(out: Path) -> list[np.ndarray]:
     return [mrcfile.read(out / f"run_half{h}_class001_unfil.mrc") for h in (1, 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ["--optimizer", "cg", "--epochs", "3", "--loss", "trimmed"],
     ["--optimizer", "adam", "--epochs", "3", "--loss", "reweighted", "--batch-size", "40"],
@@ -129,6 +130,7 @@ def test_a_bad_choice_is_one_line(data, tmp_path):
         RunConfig(particles="a.star", out_dir="o", prepare_on="gpu")
 
 
+@pytest.mark.slow
 def test_resume_may_change_where_particles_are_prepared(data, tmp_path):
     runner = CliRunner()
     out = tmp_path / "r"
@@ -140,11 +142,8 @@ def test_resume_may_change_where_particles_are_prepared(data, tmp_path):
     assert json.loads((out / "summary.json").read_text())["config"]["prepare_on"] == "device"
 
 
-@pytest.mark.parametrize("name", ["cpu", "cuda"])
-def test_weight_filters_is_the_host_expression(name):
-    from conftest import backend_for_test
-
-    be = backend_for_test(name)
+def test_weight_filters_is_the_host_expression(backend):
+    be = backend
     rng = np.random.default_rng(4)
     filters2 = rng.uniform(0, 1, (5, 7, 7)).astype(np.float32)
     plane = rng.uniform(0, 1, (7, 7)).astype(np.float32)

@@ -74,6 +74,7 @@ def run_dir(data) -> Path:
 # Post-processing inside the run
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_run_with_mask_postprocesses_like_the_postprocess_command(run_dir, data, runner):
     import starfile
 
@@ -115,14 +116,15 @@ def test_run_with_mask_postprocesses_like_the_postprocess_command(run_dir, data,
 ])
 def test_validate_mask(data, name, fragment):
     with pytest.raises(InputFileError) as info:
-        validate = __import__("numba_recon.report", fromlist=["validate_mask"]).validate_mask
-        validate(data / name, BOX, ANGPIX)
+        from numba_recon.evaluate.mask import validate_mask
+
+        validate_mask(data / name, BOX, ANGPIX)
     text = str(info.value)
     assert text.startswith(str(data / name)) and fragment in text and "\n" not in text
 
 
 def test_validate_mask_accepts_a_good_mask(data):
-    from numba_recon.report import validate_mask
+    from numba_recon.evaluate.mask import validate_mask
 
     mask = validate_mask(data / "mask.mrc", BOX, ANGPIX)
     assert mask.shape == (BOX,) * 3 and mask.dtype == np.float32 and 0 <= mask.min() and mask.max() <= 1
@@ -153,6 +155,7 @@ def _embedded_pngs(page: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
 
 
+@pytest.mark.slow
 def test_report_has_every_section_and_embeds_its_images(run_dir):
     page = (run_dir / "report.html").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -177,6 +180,7 @@ def test_report_has_every_section_and_embeds_its_images(run_dir):
     assert f"<pre>{html.escape(summary['command_line'])}</pre>" in page  # the command line, as run
 
 
+@pytest.mark.slow
 def test_report_command_redraws_the_plots(run_dir, runner, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
@@ -200,7 +204,7 @@ def test_report_command_bad_inputs(runner, tmp_path):
 
 def test_plain_run_report_has_no_optional_sections(tmp_path):
     # a C1, L2, unmasked run: no post-processing, score or symmetry section, and nothing missing
-    from numba_recon.report import write_html_report
+    from numba_recon.report.page import write_html_report
 
     (tmp_path / "summary.json").write_text(json.dumps({
         "resolution_angstrom": 7.5, "resolution_fsc05_angstrom": 9.0, "particles": 10, "box_size": 24,
@@ -292,6 +296,7 @@ def _dump_dom(browser: str, page: Path, profile: Path) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 def test_every_image_of_the_report_loads_in_headless_chromium(run_dir, tmp_path):
     page = (run_dir / "report.html").read_text()
@@ -311,6 +316,7 @@ def test_every_image_of_the_report_loads_in_headless_chromium(run_dir, tmp_path)
     assert all(w > 300 for w in result["widths"][:n_images]), result["widths"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     from PIL import Image

@@ -72,7 +72,7 @@ def test_l2_run_has_scores_and_viewing_directions(l2_run):
 
 def test_viewing_directions_are_the_third_row_of_relion_matrices():
     from numba_recon.geometry import euler_to_matrix
-    from numba_recon.plots import directions_from_angles, directions_from_vectors
+    from numba_recon.report.plots import directions_from_angles, directions_from_vectors
 
     rng = np.random.default_rng(0)
     rot, tilt, psi = rng.uniform(-180, 180, 500), rng.uniform(0, 180, 500), rng.uniform(-180, 180, 500)
@@ -89,7 +89,7 @@ def test_viewing_directions_are_the_third_row_of_relion_matrices():
 
 
 def test_direction_histogram_bins_have_equal_area():
-    from numba_recon.plots import direction_histogram, directions_from_vectors
+    from numba_recon.report.plots import direction_histogram, directions_from_vectors
 
     rng = np.random.default_rng(1)
     lon, lat = directions_from_vectors(rng.normal(size=(200_000, 3)))
@@ -110,7 +110,7 @@ def test_direction_histogram_bins_have_equal_area():
 
 def test_run_compares_the_map_with_the_simulated_truth(l2_run, data):
     from numba_recon.evaluate.fsc import fsc, resolution_at
-    from numba_recon.plots import read_fsc_table
+    from numba_recon.evaluate.truth import read_fsc_table
 
     summary = json.loads((l2_run / "summary.json").read_text())
     truth = summary["truth"]
@@ -130,6 +130,7 @@ def test_run_compares_the_map_with_the_simulated_truth(l2_run, data):
         assert name in listed, name
 
 
+@pytest.mark.slow
 def test_report_truth_option(l2_run, data, runner, tmp_path):
     copy = _copy_run(l2_run, tmp_path / "copy")
     summary = json.loads((copy / "summary.json").read_text())
@@ -162,7 +163,7 @@ def test_report_truth_option_refuses_a_map_that_does_not_fit(l2_run, runner, tmp
 
 
 def test_find_truth_passes_over_the_truth_of_another_data_set(tmp_path):
-    from numba_recon.plots import find_truth
+    from numba_recon.evaluate.truth import find_truth
 
     (tmp_path / "a").mkdir()
     write_volume(tmp_path / "a" / "truth.mrc", np.zeros((20, 20, 20), np.float32), ANGPIX)
@@ -181,7 +182,7 @@ def _grid(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def test_slices_go_through_the_centre_of_mass():
-    from numba_recon.plots import centre_of_mass, slice_positions
+    from numba_recon.report.plots import centre_of_mass, slice_positions
 
     n = 32
     z, y, x = _grid(n)
@@ -192,7 +193,7 @@ def test_slices_go_through_the_centre_of_mass():
 
 
 def test_slices_of_a_hollow_particle_cut_its_wall():
-    from numba_recon.plots import slice_positions
+    from numba_recon.report.plots import slice_positions
 
     # two rings stacked along z (a barrel of the proteasome kind): the box centre, the centre of
     # mass, falls in the empty middle between and inside the rings
@@ -213,7 +214,7 @@ def test_slices_of_a_hollow_particle_cut_its_wall():
 
 def _figures(monkeypatch, tmp_path) -> dict[str, object]:
     """Draw every report figure on synthetic input and keep the figures instead of saving them."""
-    from numba_recon import plots
+    from numba_recon.report import plots
 
     kept: dict[str, object] = {}
 
@@ -259,7 +260,7 @@ def _drawn_texts(fig, monkeypatch) -> list:
 
 
 def test_figures_use_fixed_font_sizes_and_keep_legends_clear(monkeypatch, tmp_path):
-    from numba_recon import plots
+    from numba_recon.report import plots
 
     figures = _figures(monkeypatch, tmp_path)
     assert set(figures) == {"fsc.png", "loss.png", "slices.png", "projections.png", "directions.png", "scores.png",
@@ -299,7 +300,7 @@ def test_figures_use_fixed_font_sizes_and_keep_legends_clear(monkeypatch, tmp_pa
 # ---------------------------------------------------------------------------------------------
 
 def _commands(path: Path) -> list[list[str]]:
-    from numba_recon.chimerax import VERBS, parse_script
+    from numba_recon.report.chimerax import VERBS, parse_script
 
     text = path.read_text()
     assert text.endswith("\n") and "\t" not in text
@@ -333,6 +334,7 @@ def test_run_cxc_opens_the_map_at_a_plausible_level(l2_run, data):
     assert "chimerax run.cxc" in (l2_run / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_run_cxc_colours_the_surface_by_local_resolution(l2_run, runner, tmp_path):
     copy = _copy_run(l2_run, tmp_path / "copy")
     (copy / "locres").mkdir()
@@ -361,7 +363,7 @@ def test_run_cxc_colours_the_surface_by_local_resolution(l2_run, runner, tmp_pat
 
 
 def test_suggested_level_on_clean_and_noisy_maps():
-    from numba_recon.chimerax import enclosed_volume_angstrom3, suggested_level
+    from numba_recon.report.chimerax import enclosed_volume_angstrom3, suggested_level
 
     n = 32
     z, y, x = _grid(n)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mrcfile
@@ -137,6 +134,7 @@ def noisy_set(tmp_path_factory) -> Path:
     return _simulate(tmp_path_factory.mktemp("junk"), 0.4, "noise")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["trimmed", "reweighted"])
 def test_robust_runs_separate_junk_and_write_star(noisy_set, tmp_path, runner, loss):
     from numba_recon.cli import main
@@ -187,24 +185,16 @@ def test_select_bad_input(tmp_path, runner, noisy_set):
     assert not (tmp_path / "x.star").exists()
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    env["NUMBA_NUM_THREADS"] = "1"
-    return env
-
-
+@pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec: install the mpich extra")
 @pytest.mark.parametrize("loss", ["trimmed", "reweighted"])
-def test_robust_losses_do_not_depend_on_rank_count(noisy_set, tmp_path, loss):
-    common = ["-m", "numba_recon", "-q", "run", str(noisy_set), "--epochs", "3", "--backend", "cpu",
-              "--batch-size", "100", "--loss", loss, "--robust-warmup", "1"]
-    r1 = subprocess.run([sys.executable, *common, "-o", str(tmp_path / "r1")], capture_output=True, text=True,
-                        timeout=300, env=_env())
+def test_robust_losses_do_not_depend_on_rank_count(noisy_set, tmp_path, loss, cli):
+    common = ["-q", "run", str(noisy_set), "--epochs", "3", "--backend", "cpu", "--batch-size", "100", "--loss", loss,
+              "--robust-warmup", "1"]
+    r1 = cli([*common, "-o", str(tmp_path / "r1")])
     assert r1.returncode == 0, r1.stderr
-    r2 = subprocess.run(["mpiexec", "-n", "2", sys.executable, *common, "-o", str(tmp_path / "r2")],
-                        capture_output=True, text=True, timeout=300, env=_env())
+    r2 = cli([*common, "-o", str(tmp_path / "r2")], mpi=2)
     assert r2.returncode == 0, r2.stderr
     for h in (1, 2):
         a = mrcfile.read(tmp_path / "r1" / f"run_half{h}_class001_unfil.mrc")
@@ -217,6 +207,7 @@ def test_robust_losses_do_not_depend_on_rank_count(noisy_set, tmp_path, loss):
     assert (k1 == k2).mean() > 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss,keep", [("trimmed", ["--keep-fraction", "0.5:0.5"]), ("reweighted", [])])
 def test_robust_losses_on_the_cuda_backend_in_the_simulator(tmp_path, runner, loss, keep):
     from numba_recon.cli import main

@@ -3,10 +3,8 @@ command.txt across resumes, the kept checkpoints, the final lines, --threads, -q
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,18 +24,13 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
-def _cli(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
-    env.pop("NUMBA_RECON_FAULT", None)
-    return subprocess.run([sys.executable, "-m", "numba_recon", *args], capture_output=True, text=True, timeout=600,
-                          env=env, cwd=cwd)
-
-
-def test_note_log_and_command_across_resume_and_overwrite(data, tmp_path):
+@pytest.mark.slow
+def test_note_log_and_command_across_resume_and_overwrite(data, tmp_path, cli):
+    run = functools.partial(cli, env={"NUMBA_NUM_THREADS": "2"}, timeout=600, simulator=True)
     out = tmp_path / "run"
     first = ["run", str(data / "particles.star"), "-o", str(out), *COMMON, "--epochs", "2", "-q"]
-    assert _cli(first).returncode == 0
-    res = _cli(["run", "--resume", str(out), "--epochs", "3", "--backend", "cpu"])
+    assert run(first).returncode == 0
+    res = run(["run", "--resume", str(out), "--epochs", "3", "--backend", "cpu"])
     assert res.returncode == 0, res.stderr
     note = (out / "note.txt").read_text()
     assert note.count(" ++++ ") == 2 and "--resume" in note.splitlines()[3]
@@ -46,12 +39,13 @@ def test_note_log_and_command_across_resume_and_overwrite(data, tmp_path):
     log = (out / "run.log").read_text()
     # the file has the INFO lines that -q hid on the terminal, and both sessions
     assert "epoch 1/2" in log and "epoch 3/3" in log and log.count("==== ") == 2
-    assert "epoch 1/2" not in _cli(first[:-1] + ["--overwrite", "-q"]).stderr
+    assert "epoch 1/2" not in run(first[:-1] + ["--overwrite", "-q"]).stderr
     # --overwrite appends: the folder's history stays
     assert (out / "note.txt").read_text().count(" ++++ ") == 3
     assert (out / "run.log").read_text().count("==== ") == 3
 
 
+@pytest.mark.slow
 def test_only_the_newest_checkpoint_is_kept_after_success(data, tmp_path, runner):
     out = tmp_path / "run"
     res = runner.invoke(main, ["-q", "run", str(data / "particles.star"), "-o", str(out), *COMMON, "--epochs", "3"])

@@ -61,6 +61,7 @@ def default_run(data, tmp_path_factory):
     return out, _run(CliRunner(), data / "particles.star", out)
 
 
+@pytest.mark.slow
 def test_one_epoch_is_the_direct_reconstruction(data, tmp_path, runner, default_run):
     out = tmp_path / "direct"
     summary = _run(runner, data / "particles.star", out, "--epochs", "1")
@@ -71,6 +72,7 @@ def test_one_epoch_is_the_direct_reconstruction(data, tmp_path, runner, default_
     assert _vs_truth(out, data) < 4 * ANGPIX
 
 
+@pytest.mark.slow
 def test_final_maps_have_the_lowest_held_out_loss(default_run):
     out, summary = default_run
     rows = _history(out)
@@ -85,12 +87,14 @@ def test_final_maps_have_the_lowest_held_out_loss(default_run):
     np.testing.assert_array_equal(_maps(out), (ckpt.arrays.get("cg_best_volumes", ckpt.volumes)))
 
 
+@pytest.mark.slow
 def test_cg_is_at_least_as_good_as_adam(data, tmp_path, runner, default_run):
     out = tmp_path / "adam"
     _run(runner, data / "particles.star", out, "--optimizer", "adam", "--epochs", "10")
     assert _vs_truth(default_run[0], data) <= _vs_truth(out, data)
 
 
+@pytest.mark.slow
 def test_particle_diameter_given_or_estimated(data, tmp_path, runner, default_run):
     solver = default_run[1]["solver"]
     assert solver["particle_diameter_source"] == "estimated"
@@ -122,6 +126,7 @@ def _rewrite_rows(star: Path, out: Path, order: np.ndarray, drop_subsets: bool) 
     out.write_text("\n".join(header + label_lines + body) + "\n")
 
 
+@pytest.mark.slow
 def test_row_order_and_format_do_not_change_the_maps(data, tmp_path, runner):
     """Without rlnRandomSubset the halves and the hold-out come from the image names: the same
     particles in reversed and shuffled row order, and as a .thu file, give the same maps to float
@@ -143,6 +148,7 @@ def test_row_order_and_format_do_not_change_the_maps(data, tmp_path, runner):
         assert rel < 1e-4, (star.name, rel)
 
 
+@pytest.mark.slow
 def test_robust_losses_run_their_passes(tmp_path, runner):
     """A robust loss is active for at least two passes before the run may stop, and drops junk."""
     from numba_recon.simulate import simulate_dataset
@@ -159,6 +165,7 @@ def test_robust_losses_run_their_passes(tmp_path, runner):
     assert summary["solver"]["best_pass"] >= 3
 
 
+@pytest.mark.slow
 def test_adam_with_the_preconditioner_converges_faster(data, tmp_path, runner):
     """The solver's Fourier preconditioner is available to adam: with it, 3 epochs of adam give a map
     at least as close to the truth as without it."""
@@ -170,6 +177,7 @@ def test_adam_with_the_preconditioner_converges_faster(data, tmp_path, runner):
     assert _vs_truth(pre, data) <= _vs_truth(plain, data)
 
 
+@pytest.mark.slow
 def test_initial_map_is_not_used_by_cg_and_says_so(data, tmp_path, caplog):
     """A start map cannot couple the halves in the default solver: it is ignored, with a warning."""
     import logging
@@ -209,6 +217,7 @@ def _with_repeated_rows(star: Path, out: Path, rows: list[tuple[int, str | None]
     out.write_text("\n".join(lines + extra) + "\n")
 
 
+@pytest.mark.slow
 def test_repeated_images_are_refused_or_dropped(data, tmp_path, runner):
     """The same image twice, even with rlnRandomSubset putting the copies in opposite halves, is
     refused with one line (exit 2); --drop-duplicates keeps the first row of each image."""
@@ -228,6 +237,7 @@ def test_repeated_images_are_refused_or_dropped(data, tmp_path, runner):
     assert summary["particles"] == 1200
 
 
+@pytest.mark.slow
 def test_an_input_among_the_outputs_is_refused(data, tmp_path, runner):
     """Reconstructing from a previous run's run_data.star into that same folder would overwrite the
     input: refused with one line (exit 2), even with --overwrite, and the file is untouched."""
@@ -276,6 +286,7 @@ def test_degenerate_images_stop_with_one_line(tmp_path, runner, kind, fragment):
     assert not (out / "run_class001.mrc").exists()
 
 
+@pytest.mark.slow
 def test_a_support_too_small_is_refused(data, tmp_path, runner):
     res = runner.invoke(main, ["-q", "run", str(data / "particles.star"), "-o", str(tmp_path / "r"), "--backend",
                                "cpu", "--radius", "0.001"])
@@ -283,6 +294,7 @@ def test_a_support_too_small_is_refused(data, tmp_path, runner):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_particle_set_and_changed_options(data, tmp_path, runner):
     """A resume cannot mix halves: a reordered or shortened STAR file is refused with one line, as
     are options that would change the run (naming them); safe options are accepted. A refused resume
@@ -323,6 +335,7 @@ def test_resume_refuses_a_changed_particle_set_and_changed_options(data, tmp_pat
     assert json.loads((out / "summary.json").read_text())["solver"]["passes"] == 3
 
 
+@pytest.mark.slow
 def test_invalid_input_leaves_no_output_folder(data, tmp_path, runner):
     """A particle file that fails its checks is refused before the -o folder exists, so the rerun
     after the fix is not blocked by an empty folder."""

@@ -40,6 +40,7 @@ def d7_space() -> SymmetricSubspace:
     return symmetric_subspace(BOX, "D7")
 
 
+@pytest.mark.slow
 def test_projection_is_idempotent_and_exactly_invariant(d7_space, rng):
     x = rng.standard_normal((BOX,) * 3).astype(np.float32)
     y = d7_space.project(x)
@@ -138,6 +139,7 @@ def runs(d7_data, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_d7_reaches_a_finer_resolution_than_c1(runs, d7_data):
     from numba_recon.evaluate.fsc import fsc, resolution_at
 
@@ -159,6 +161,7 @@ def test_d7_reaches_a_finer_resolution_than_c1(runs, d7_data):
     assert sym_info["group"] == "D7" and sym_info["operators"] == 14
 
 
+@pytest.mark.slow
 def test_adam_d7_maps_are_exactly_invariant_under_the_14_operators(runs):
     out, _ = runs["D7-adam"]
     space = symmetric_subspace(BOX, "D7")
@@ -171,6 +174,7 @@ def test_adam_d7_maps_are_exactly_invariant_under_the_14_operators(runs):
     assert space.invariance_errors(c1).min() > 0.1
 
 
+@pytest.mark.slow
 def test_cg_d7_maps_are_group_averages(runs):
     """The default solver writes group averages: they change under the 14 operators no more than the
     exact phantom sampled on the grid does (trilinear resampling), and far less than the C1 map."""
@@ -188,6 +192,7 @@ def test_cg_d7_maps_are_group_averages(runs):
     assert interpolation_invariance_errors(c1, ops).max() > 1.5 * limit
 
 
+@pytest.mark.slow
 def test_exact_projection_of_regularised_maps_would_inflate_the_fsc(runs):
     """Why the default solver does not project its maps exactly: the projection copies
     low-resolution signal into high-resolution shells identically in both halves."""
@@ -201,6 +206,7 @@ def test_exact_projection_of_regularised_maps_would_inflate_the_fsc(runs):
     assert fsc(space.project(h1), space.project(h2))[top].mean() > fsc(h1, h2)[top].mean() + 0.05
 
 
+@pytest.mark.slow
 def test_iterates_stay_close_to_the_point_group(runs):
     # the checkpointed half maps (before the final projection) were constrained during the run, not
     # only at the end; measured at low resolution, where the noise does not dominate
@@ -234,6 +240,7 @@ def _scramble_half2(star: Path, out: Path) -> None:
     out.write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_half_maps_stay_independent(runs, d7_data, tmp_path, runner):
     # wrong images for every particle of half set 2
     star = d7_data / "half2_scrambled.star"

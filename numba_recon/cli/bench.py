@@ -2,39 +2,48 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 import numpy as np
 
-from numba_recon.cli._common import check_output_file, handle_errors, overwrite_option
+from numba_recon.backend import CHOICES as BACKENDS
+from numba_recon.cli._common import (POSITIVE_INT, OptionValueError, check_output_file, handle_errors,
+                                     overwrite_option)
 from numba_recon.errors import InputError
 
 
-def _int_list():
-    def parse(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
-        try:
-            items = [int(v) for v in value.split(",") if v.strip()]
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-        if not items or min(items) < 1:
-            raise click.BadParameter(f"expected positive integers, got {value!r}")
-        return items
+class PositiveIntList(click.ParamType):
+    """Comma-separated positive integers, e.g. ``64,128,256``; each item follows :data:`POSITIVE_INT`."""
 
-    return parse
+    name = "N,N,..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[int]:
+        if isinstance(value, list):
+            return value
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        for item in items or [""]:
+            _, why = POSITIVE_INT.parse(item)
+            if why is not None:
+                raise OptionValueError(f"must be comma-separated positive integers (got {value!r}: {item!r} is "
+                                       f"{why or 'below 1'})", ctx=ctx, param=param)
+        return [int(v) for v in items]
 
 
 @click.command("bench")
-@click.option("--backend", "backend_name", type=click.Choice(["cpu", "cuda", "all"]), default="all",
-              show_default=True, help="Backend to time; 'all' runs every available one and says which it skipped.")
-@click.option("--box", "boxes", default="64,128,256", show_default=True, callback=_int_list(),
+@click.option("--backend", "backend_name", type=click.Choice([*(b for b in BACKENDS if b != "auto"), "all"]),
+              default="all", show_default=True,
+              help="Backend to time; 'all' runs every available one and says which it skipped.")
+@click.option("--box", "boxes", type=PositiveIntList(), default="64,128,256", show_default=True,
               help="Box sizes (comma-separated).")
-@click.option("--batch", "batches", default="1,8,32", show_default=True, callback=_int_list(),
+@click.option("--batch", "batches", type=PositiveIntList(), default="1,8,32", show_default=True,
               help="Images per kernel call (comma-separated).")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--repeats", type=POSITIVE_INT, default=5, show_default=True,
               help="Timed calls per case after one warm-up call; the median is reported "
                    "(boxes of 256 and more run at most 2).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Array type (float64: CPU only).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=POSITIVE_INT, default=None,
               help="CPU threads for the Numba kernels (default: all; set NUMBA_NUM_THREADS to allow more).")
 @click.option("--startup", is_flag=True,
               help="Also time a fresh process's import and first call with an empty and with a warm "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from numba_recon.cli._common import angpix_option, handle_errors, overwrite_option
+from numba_recon.cli._common import SEED, angpix_option, handle_errors, overwrite_option
 from numba_recon.errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ _WRITERS = {".star": "RELION 3.1 STAR", ".thu": "THUNDER .thu"}
 @angpix_option
 @click.option("--root", type=click.Path(path_type=Path), default=None,
               help="Folder the image paths of IN are relative to (default: IN's folder).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the random half split of a .thu input (written as rlnRandomSubset).")
 @overwrite_option
 @handle_errors

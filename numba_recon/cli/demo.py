@@ -17,24 +17,27 @@ from pathlib import Path
 
 import click
 
-from numba_recon.cli._common import handle_errors, prepare_output_dir
+from numba_recon.backend import CHOICES as BACKENDS
+from numba_recon.cli._common import PIXEL_SIZE, POSITIVE_INT, SEED, handle_errors, prepare_output_dir
+from numba_recon.io.run_files import HALF1_MAP, HALF2_MAP, SUCCESS_MARKER
 
 
 @click.command("demo", help=__doc__)
 @click.option("-o", "--output", "out_dir", default="numba_recon_demo", show_default=True,
               type=click.Path(file_okay=True), help="Output folder (data in data/, reconstruction in recon/).")
-@click.option("--particles", "n_particles", type=int, default=5000, show_default=True, help="Number of particles.")
-@click.option("--box-size", type=int, default=64, show_default=True, help="Box size in pixels.")
-@click.option("--angpix", type=float, default=2.0, show_default=True, help="Pixel size in Angstrom.")
-@click.option("--epochs", type=int, default=None, help="Most passes (default: the solver's, 8).")
+@click.option("--particles", "n_particles", type=POSITIVE_INT, default=5000, show_default=True,
+              help="Number of particles.")
+@click.option("--box-size", type=POSITIVE_INT, default=64, show_default=True, help="Box size in pixels.")
+@click.option("--angpix", type=PIXEL_SIZE, default=2.0, show_default=True, help="Pixel size in Angstrom.")
+@click.option("--epochs", type=POSITIVE_INT, default=None, help="Most passes (default: the solver's, 8).")
 @click.option("--sym", "symmetry", default="C1", show_default=True, help="Point group used by the reconstruction.")
-@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing demo folder.")
 @click.pass_context
 @handle_errors
-def demo(ctx: click.Context, out_dir: str, n_particles: int, box_size: int, angpix: float, epochs: int, symmetry: str,
-         backend: str, seed: int, overwrite: bool) -> None:
+def demo(ctx: click.Context, out_dir: str, n_particles: int, box_size: int, angpix: float, epochs: int | None,
+         symmetry: str, backend: str, seed: int, overwrite: bool) -> None:
     from numba_recon.config import RunConfig
     from numba_recon.engine import run as run_engine
     from numba_recon.evaluate.fsc import fsc, resolution_at
@@ -57,14 +60,14 @@ def demo(ctx: click.Context, out_dir: str, n_particles: int, box_size: int, angp
     summary = run_engine(config, progress=verbosity >= 0)
     truth, _ = read_volume(data_dir / "truth.mrc")
     # the unfiltered average of the half maps (run_class001.mrc is also low-pass filtered)
-    half1, _ = read_volume(recon_dir / "run_half1_class001_unfil.mrc")
-    half2, _ = read_volume(recon_dir / "run_half2_class001_unfil.mrc")
+    half1, _ = read_volume(recon_dir / HALF1_MAP)
+    half2, _ = read_volume(recon_dir / HALF2_MAP)
     curve = fsc(0.5 * (half1 + half2), truth)
     res_truth = resolution_at(curve, box_size, angpix, 0.5)
     summary["resolution_vs_truth_fsc05_angstrom"] = res_truth
     (recon_dir / "demo.json").write_text(json.dumps({"resolution_angstrom": summary["resolution_angstrom"],
                                                      "resolution_vs_truth_fsc05_angstrom": res_truth}, indent=2))
-    (recon_dir / "NUMBA_RECON_JOB_EXIT_SUCCESS").touch()
+    (recon_dir / SUCCESS_MARKER).touch()
     click.echo(f"Half-map resolution (FSC 0.143): {summary['resolution_angstrom']:.2f} A")
     click.echo(f"Map vs ground truth (FSC 0.5):   {res_truth:.2f} A")
     click.echo(f"Maps:   {Path(recon_dir) / 'run_class001.mrc'} (and the half maps beside it)")

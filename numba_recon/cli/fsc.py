@@ -14,76 +14,15 @@ Examples:
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import click
-import numpy as np
 
-from numba_recon.cli._common import angpix_option, check_output_file, handle_errors, overwrite_option
-from numba_recon.errors import InputError, InputFileError
+from numba_recon.cli._common import (angpix_option, check_output_file, handle_errors, overwrite_option, read_map_pair,
+                                     read_mask)
+from numba_recon.errors import InputError
 
 logger = logging.getLogger(__name__)
-
-
-def check_angpix(angpix: float | None) -> None:
-    """Refuse an ``--angpix`` that is not a finite positive number (``None`` means: from the header).
-
-    Written as ``not (finite and > 0)``: NaN and infinity would pass a plain ``> 0`` test.
-    """
-    if angpix is not None and not (math.isfinite(angpix) and angpix > 0):
-        raise InputError(f"--angpix {angpix} must be a finite positive number of Angstrom", None,
-                         "e.g. --angpix 1.06")
-
-
-def read_map(path: str, angpix: float | None) -> tuple[np.ndarray, float]:
-    """Read a cubic map and its voxel size (``angpix`` overrides the header).
-
-    Raises
-    ------
-    InputError
-        ``angpix`` is not a finite positive number.
-    InputFileError
-        Unreadable or non-cubic map, or no valid voxel size in the header and no ``--angpix``.
-    """
-    from numba_recon.io.mrc import read_volume
-
-    check_angpix(angpix)
-    volume, header_angpix = read_volume(path)
-    if angpix is not None:
-        return volume, float(angpix)
-    if header_angpix is None or not (math.isfinite(header_angpix) and header_angpix > 0):
-        raise InputFileError("the header does not give the voxel size", path, "pass --angpix")
-    return volume, float(header_angpix)
-
-
-def read_map_pair(path1: str, path2: str, angpix: float | None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Read two maps that must share box and voxel size (the header sizes are compared unless
-    ``angpix`` is given, which then applies to both)."""
-    map1, angpix1 = read_map(path1, angpix)
-    map2, angpix2 = read_map(path2, angpix)
-    if map1.shape != map2.shape:
-        raise InputFileError(f"box {map2.shape[0]} differs from the box {map1.shape[0]} of {path1}", path2,
-                             "compare maps of the same reconstruction (same box size)")
-    if abs(angpix1 - angpix2) > 1e-3 * angpix1:
-        raise InputFileError(f"voxel size {angpix2:g} A differs from {angpix1:g} A of {path1}", path2,
-                             "compare maps with the same voxel size, or pass --angpix to override both headers")
-    return map1, map2, angpix1
-
-
-def read_mask(path: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Read a mask that must match ``shape`` and hold values in [0, 1]."""
-    from numba_recon.evaluate.fsc import check_mask
-    from numba_recon.io.mrc import read_volume
-
-    mask, _ = read_volume(path)
-    if mask.shape != tuple(shape):
-        raise InputFileError(f"mask box {mask.shape[0]} differs from the map box {shape[0]}", path,
-                             "make the mask from a map of the same box (numba-recon mask)")
-    try:
-        return check_mask(mask, shape)
-    except InputError as err:
-        raise InputFileError(err.problem, path, err.fix) from None
 
 
 @click.command("fsc", help=__doc__)
@@ -101,7 +40,6 @@ def fsc(map1: str, map2: str, mask_path: str | None, angpix: float | None, outpu
         plot_path: str | None, overwrite: bool) -> None:
     from numba_recon.evaluate.fsc import FSCCurve, last_shell_above, plot_fsc
 
-    check_angpix(angpix)
     if output and plot_path and os.path.abspath(output) == os.path.abspath(plot_path):
         raise InputError("-o and --plot name the same file", None, "give two different file names")
     out_csv = check_output_file(output, overwrite) if output else None

@@ -18,12 +18,12 @@ Examples:
 
 from __future__ import annotations
 
-import math
 import shlex
 
 import click
 
-from numba_recon.cli._common import angpix_option, handle_errors, overwrite_option
+from numba_recon.cli._common import (FSC_VALUE, NONNEGATIVE_FLOAT, POSITIVE_FLOAT, SEED, angpix_option,
+                                     handle_errors, overwrite_option, read_map_pair, read_mask)
 from numba_recon.errors import InputError
 
 
@@ -33,46 +33,31 @@ from numba_recon.errors import InputError
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
               help="Soft mask (values in [0, 1]) of the particle, e.g. from `numba-recon mask` (required).")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output folder.")
-@click.option("--window-angstrom", type=float, default=50.0, show_default=True,
+@click.option("--window-angstrom", type=POSITIVE_FLOAT, default=50.0, show_default=True,
               help="Diameter of the spherical window at half height (A); use 3-4 times the worst expected "
                    "local resolution.")
-@click.option("--window-edge-angstrom", type=float, default=None,
+@click.option("--window-edge-angstrom", type=NONNEGATIVE_FLOAT, default=None,
               help="Width of the window's cosine edge (A) [default: half the window diameter].")
-@click.option("--sampling-angstrom", type=float, default=None,
+@click.option("--sampling-angstrom", type=POSITIVE_FLOAT, default=None,
               help="Spacing of the sampling grid (A) [default: half the window diameter].")
-@click.option("--fsc-threshold", type=float, default=0.143, show_default=True,
+@click.option("--fsc-threshold", type=FSC_VALUE, default=0.143, show_default=True,
               help="Local resolution where the windowed FSC first drops below this value.")
-@click.option("--randomize-at-angstrom", type=float, default=25.0, show_default=True,
+@click.option("--randomize-at-angstrom", type=NONNEGATIVE_FLOAT, default=25.0, show_default=True,
               help="Randomise phases beyond this resolution (A) to correct the windowed FSC; 0: no correction.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the phase randomisation.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the phase randomisation.")
 @angpix_option
 @overwrite_option
 @handle_errors
 def locres(half1: str, half2: str, mask_path: str | None, out_dir: str, window_angstrom: float,
            window_edge_angstrom: float | None, sampling_angstrom: float | None, fsc_threshold: float,
            randomize_at_angstrom: float, seed: int, angpix: float | None, overwrite: bool) -> None:
-    from numba_recon.cli.fsc import check_angpix, read_map_pair, read_mask
     from numba_recon.evaluate.locres import check_locres_outputs, local_resolution, write_locres
 
-    # Every check is ``not (finite and in range)``: NaN passes plain comparisons.
+    # the values themselves were checked by the option types
     if mask_path is None:
         raise InputError("--mask is required: local resolution is only defined inside the particle", None,
                          "make one with e.g. `numba-recon mask MAP -o mask.mrc --threshold auto --extend 3 "
                          "--soft-edge 6` and pass --mask mask.mrc")
-    for option, value in (("--window-angstrom", window_angstrom), ("--sampling-angstrom", sampling_angstrom)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise InputError(f"{option} {value:g} must be a finite positive number of Angstrom", None,
-                             f"e.g. {option} {50 if option == '--window-angstrom' else 25}")
-    if window_edge_angstrom is not None and not (math.isfinite(window_edge_angstrom) and window_edge_angstrom >= 0):
-        raise InputError(f"--window-edge-angstrom {window_edge_angstrom:g} must be a finite number >= 0", None,
-                         "e.g. --window-edge-angstrom 25")
-    if not (math.isfinite(fsc_threshold) and 0 < fsc_threshold < 1):
-        raise InputError(f"--fsc-threshold {fsc_threshold:g} must lie between 0 and 1", None,
-                         "e.g. --fsc-threshold 0.143 (or 0.5)")
-    if not (math.isfinite(randomize_at_angstrom) and randomize_at_angstrom >= 0):
-        raise InputError(f"--randomize-at-angstrom {randomize_at_angstrom:g} must be a finite number >= 0", None,
-                         "e.g. --randomize-at-angstrom 25, or 0 for no correction")
-    check_angpix(angpix)
     # Inputs first (cheap), so a bad map or header leaves no empty output folder behind.
     map1, map2, pixel = read_map_pair(half1, half2, angpix)
     mask = read_mask(mask_path, map1.shape)

@@ -16,71 +16,61 @@ Examples:
 from __future__ import annotations
 
 import logging
-import math
+from typing import Any
 
 import click
 import numpy as np
 
-from numba_recon.cli._common import angpix_option, check_output_file, handle_errors, overwrite_option
-from numba_recon.errors import InputError
+from numba_recon.cli._common import (FINITE_FLOAT, NONNEGATIVE_FLOAT, RESOLUTION_ANGSTROM, OptionValueError,
+                                     angpix_option, check_output_file, handle_errors, option_name, overwrite_option,
+                                     read_map)
 
 logger = logging.getLogger(__name__)
 
 
-def _parse_threshold(text: str) -> float | None:
-    """``None`` for ``auto``, else the number."""
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise InputError(f"--threshold {text!r} is neither a number nor 'auto'", None,
-                         "e.g. --threshold 0.02 or --threshold auto") from None
-    if not math.isfinite(value):
-        raise InputError(f"--threshold {text!r} is not a finite number", None,
-                         "e.g. --threshold 0.02 or --threshold auto")
-    return value
+class ThresholdType(click.ParamType):
+    """A finite density threshold, or ``"auto"`` (chosen from the map). Not None for auto: click
+    8.1 takes None for a missing value of a required option."""
+
+    name = "T|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        number, why = FINITE_FLOAT.parse(value)
+        if why is not None:
+            got = repr(value) if why == "not a number" else str(value).strip()
+            raise OptionValueError(f"must be a finite number or auto (got {got}: {why}); e.g. "
+                                   f"{option_name(param)} 0.02 or {option_name(param)} auto", ctx=ctx, param=param)
+        return number
 
 
 @click.command("mask", help=__doc__)
 @click.argument("map_path", metavar="MAP", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output mask (.mrc).")
-@click.option("--threshold", "threshold_text", required=True, metavar="T|auto",
+@click.option("--threshold", type=ThresholdType(), required=True, metavar="T|auto",
               help="Density threshold of the initial binary mask, or 'auto'.")
-@click.option("--extend", "extend_px", type=float, default=3.0, show_default=True,
+@click.option("--extend", "extend_px", type=FINITE_FLOAT, default=3.0, show_default=True,
               help="Extend (or, if negative, shrink) the binary mask by this many pixels.")
-@click.option("--soft-edge", "soft_edge_px", type=float, default=3.0, show_default=True,
+@click.option("--soft-edge", "soft_edge_px", type=NONNEGATIVE_FLOAT, default=3.0, show_default=True,
               help="Width of the raised-cosine soft edge in pixels (0: binary mask).")
-@click.option("--lowpass", "lowpass_angstrom", type=float, default=None,
+@click.option("--lowpass", "lowpass_angstrom", type=RESOLUTION_ANGSTROM, default=None,
               help="Low-pass filter the map at this resolution (Angstrom) first.")
 @angpix_option
 @overwrite_option
 @handle_errors
-def mask(map_path: str, output: str, threshold_text: str, extend_px: float, soft_edge_px: float,
+def mask(map_path: str, output: str, threshold: float | str, extend_px: float, soft_edge_px: float,
          lowpass_angstrom: float | None, angpix: float | None, overwrite: bool) -> None:
-    from numba_recon.cli.fsc import check_angpix, read_map
     from numba_recon.evaluate.filters import lowpass
     from numba_recon.evaluate.mask import auto_threshold, create_mask
     from numba_recon.io.mrc import write_volume
 
-    threshold = _parse_threshold(threshold_text)
-    # ``not (finite and in range)``: NaN and infinity pass a plain ``< 0`` check.
-    if not math.isfinite(extend_px):
-        raise InputError(f"--extend {extend_px:g} is not a finite number of pixels", None,
-                         "e.g. --extend 3 (negative shrinks the mask)")
-    if not (math.isfinite(soft_edge_px) and soft_edge_px >= 0):
-        raise InputError(f"--soft-edge {soft_edge_px:g} must be a finite number of pixels >= 0", None,
-                         "e.g. --soft-edge 6 (0: binary mask)")
-    if lowpass_angstrom is not None and not (math.isfinite(lowpass_angstrom) and lowpass_angstrom > 0):
-        raise InputError(f"--lowpass {lowpass_angstrom:g} must be a finite positive resolution in Angstrom", None,
-                         "e.g. --lowpass 15")
-    check_angpix(angpix)
     out = check_output_file(output, overwrite)
     volume, pixel = read_map(map_path, angpix)
     if lowpass_angstrom is not None:
         volume = lowpass(volume, lowpass_angstrom, pixel)
         click.echo(f"low-pass filtered at {lowpass_angstrom:g} A ({pixel:g} A/px)")
-    if threshold is None:
+    if threshold == "auto":
         threshold = auto_threshold(volume)
         click.echo(f"threshold {threshold:.6g} (auto: solvent median + max(5 robust sigma, 20% of the peak "
                    f"above it); map range [{float(volume.min()):.4g}, {float(volume.max()):.4g}])")

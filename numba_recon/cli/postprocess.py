@@ -17,12 +17,10 @@ Examples:
 
 from __future__ import annotations
 
-import math
-
 import click
 
-from numba_recon.cli._common import angpix_option, handle_errors, overwrite_option
-from numba_recon.errors import InputError
+from numba_recon.cli._common import (FINITE_FLOAT, FSC_VALUE, NONNEGATIVE_FLOAT, RESOLUTION_ANGSTROM, SEED,
+                                     angpix_option, handle_errors, overwrite_option, read_map_pair, read_mask)
 
 
 @click.command("postprocess", help=__doc__)
@@ -32,18 +30,18 @@ from numba_recon.errors import InputError
               help="Soft mask (values in [0, 1]) of the particle, e.g. from `numba-recon mask`.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
               help="Output folder.")
-@click.option("--bfactor", "bfactor", type=float, default=None,
+@click.option("--bfactor", "bfactor", type=FINITE_FLOAT, default=None,
               help="Sharpen with this B-factor (A^2, negative sharpens) instead of fitting one.")
-@click.option("--lowpass", "lowpass_angstrom", type=float, default=None,
+@click.option("--lowpass", "lowpass_angstrom", type=RESOLUTION_ANGSTROM, default=None,
               help="Low-pass filter at this resolution (A) instead of the FSC = 0.143 resolution.")
 @angpix_option
-@click.option("--autob-lowres", type=float, default=10.0, show_default=True,
+@click.option("--autob-lowres", type=RESOLUTION_ANGSTROM, default=10.0, show_default=True,
               help="Lowest resolution (A) in the B-factor fit.")
-@click.option("--autob-highres", type=float, default=None,
+@click.option("--autob-highres", type=NONNEGATIVE_FLOAT, default=None,
               help="Highest resolution (A) in the B-factor fit [default: the FSC = 0.143 resolution; 0: Nyquist].")
-@click.option("--randomize-at-fsc", type=float, default=0.8, show_default=True,
+@click.option("--randomize-at-fsc", type=FSC_VALUE, default=0.8, show_default=True,
               help="Randomise phases from where the unmasked FSC drops below this value.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the phase randomisation.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the phase randomisation.")
 @click.option("--force-mask", is_flag=True,
               help="Keep the masked FSC even if the unmasked FSC reaches a higher resolution.")
 @click.option("--skip-fsc-weighting", is_flag=True, help="Do not weight shells by sqrt(2 FSC / (1 + FSC)).")
@@ -53,29 +51,10 @@ def postprocess(half1: str, half2: str, mask_path: str | None, out_dir: str, bfa
                 lowpass_angstrom: float | None, angpix: float | None, autob_lowres: float,
                 autob_highres: float | None, randomize_at_fsc: float, seed: int, force_mask: bool,
                 skip_fsc_weighting: bool, overwrite: bool) -> None:
-    from numba_recon.cli.fsc import check_angpix, read_map_pair, read_mask
     from numba_recon.evaluate.postprocess import check_bfactor, check_postprocess_outputs
     from numba_recon.evaluate.postprocess import postprocess as run_postprocess
     from numba_recon.evaluate.postprocess import write_postprocess
 
-    # Every check is ``not (finite and in range)``: NaN and infinity pass plain ``> 0`` / ``< 0`` tests
-    # and would end in NaN maps.
-    if bfactor is not None and not math.isfinite(bfactor):
-        raise InputError(f"--bfactor {bfactor:g} is not a finite number", None,
-                         "e.g. --bfactor -80 (negative sharpens), or omit it to fit one")
-    if lowpass_angstrom is not None and not (math.isfinite(lowpass_angstrom) and lowpass_angstrom > 0):
-        raise InputError(f"--lowpass {lowpass_angstrom:g} must be a finite positive resolution in Angstrom", None,
-                         "e.g. --lowpass 4")
-    if not (math.isfinite(autob_lowres) and autob_lowres > 0):
-        raise InputError(f"--autob-lowres {autob_lowres:g} must be a finite positive resolution in Angstrom", None,
-                         "e.g. --autob-lowres 10")
-    if autob_highres is not None and not (math.isfinite(autob_highres) and autob_highres >= 0):
-        raise InputError(f"--autob-highres {autob_highres:g} must be a finite resolution in Angstrom >= 0", None,
-                         "give a resolution in Angstrom, or 0 for Nyquist")
-    check_angpix(angpix)
-    if not 0 < randomize_at_fsc < 1:
-        raise InputError(f"--randomize-at-fsc {randomize_at_fsc:g} must lie between 0 and 1", None,
-                         "e.g. --randomize-at-fsc 0.8")
     # Inputs first (cheap), so a bad map or header leaves no empty output folder behind.
     map1, map2, pixel = read_map_pair(half1, half2, angpix)
     mask = read_mask(mask_path, map1.shape) if mask_path else None

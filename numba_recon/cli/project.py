@@ -12,24 +12,23 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import click
 import numpy as np
 
-from numba_recon.cli._common import check_output_file, handle_errors
-from numba_recon.errors import InputError, InputFileError
+from numba_recon.backend import CHOICES as BACKENDS
+from numba_recon.cli._common import PIXEL_SIZE, POSITIVE_INT, check_output_file, handle_errors
+from numba_recon.errors import InputFileError
 
 
 @click.command("project", help=__doc__)
 @click.argument("map_path", metavar="MAP", type=click.Path(dir_okay=False))
 @click.option("--star", "star_path", required=True, type=click.Path(dir_okay=False), help="Particles with poses.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .mrcs stack.")
-@click.option("--angpix", type=float, default=None, help="Pixel size (default: from the particle file).")
+@click.option("--angpix", type=PIXEL_SIZE, default=None, help="Pixel size (default: from the particle file).")
 @click.option("--no-ctf", is_flag=True, help="Do not apply the CTF.")
 @click.option("--no-shift", is_flag=True, help="Do not apply the origin shifts.")
-@click.option("--first", type=int, default=None, help="Only the first N particles.")
-@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--first", type=POSITIVE_INT, default=None, help="Only the first N particles.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: CUDA when a GPU is usable, else the CPU (as run).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @handle_errors
@@ -42,11 +41,6 @@ def project(map_path: str, star_path: str, output: str, angpix: float | None, no
     from numba_recon.io.mrc import read_volume, write_stack
     from numba_recon.read import read_particles
 
-    if first is not None and first <= 0:
-        raise InputError(f"--first must be positive (got {first})", None, "e.g. --first 100")
-    if angpix is not None and not (math.isfinite(angpix) and angpix > 0):  # NaN and inf pass ``> 0`` alone
-        raise InputError(f"--angpix {angpix} must be a finite positive number of Angstrom", None,
-                         "e.g. --angpix 1.06")
     out = check_output_file(output, overwrite)
     volume, voxel = read_volume(map_path)
     particles = read_particles(star_path, angpix=angpix)

@@ -27,6 +27,7 @@ import click
 
 from numba_recon.cli._common import handle_errors
 from numba_recon.errors import InputError
+from numba_recon.io.run_files import CHIMERAX_CXC, MAP, SUMMARY_JSON
 
 
 @click.command("report", help=__doc__)
@@ -36,13 +37,14 @@ from numba_recon.errors import InputError
                    "`numba-recon simulate` [default: truth.mrc beside the run's particles file, when it fits].")
 @handle_errors
 def report(run_dir: str, truth: str | None) -> None:
-    from numba_recon.chimerax import write_chimerax_script
-    from numba_recon.report import make_plots, write_html_report
+    from numba_recon.report.chimerax import write_chimerax_script
+    from numba_recon.report.page import write_html_report
+    from numba_recon.report.plots import make_plots
 
     out = Path(run_dir)
     if not out.is_dir():
         raise InputError("no such run folder", out, "give the -o folder of a numba-recon run")
-    if not (out / "summary.json").is_file():
+    if not (out / SUMMARY_JSON).is_file():
         raise InputError("not a finished run folder (no summary.json)", out,
                          "run `numba-recon run ... -o FOLDER` first, or resume it with --resume")
     from numba_recon import manifest
@@ -54,10 +56,10 @@ def report(run_dir: str, truth: str | None) -> None:
     append_note(out)  # the folder's history: every command that touched it
     try:
         make_plots(out, truth=truth)
-        if (out / "run_class001.mrc").is_file():
+        if (out / MAP).is_file():
             import json
 
-            summary = json.loads((out / "summary.json").read_text())
+            summary = json.loads((out / SUMMARY_JSON).read_text())
             write_chimerax_script(out, resolution_angstrom=summary.get("resolution_angstrom"))
     except InputError:
         raise
@@ -66,5 +68,5 @@ def report(run_dir: str, truth: str | None) -> None:
                          "check that the folder holds a complete numba-recon run") from None
     path = write_html_report(out)
     click.echo(f"Report: {path}")
-    if (out / "run.cxc").is_file():
+    if (out / CHIMERAX_CXC).is_file():
         click.echo(f"ChimeraX: chimerax {out / 'run.cxc'}")

@@ -13,41 +13,58 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
-from numba_recon.cli._common import handle_errors, prepare_output_dir
+from numba_recon.backend import CHOICES as BACKENDS
+from numba_recon.cli._common import (FRACTION, NONNEGATIVE_FLOAT, NONNEGATIVE_INT, PIXEL_SIZE, POSITIVE_FLOAT,
+                                     POSITIVE_INT, RESOLUTION_ANGSTROM, SEED, FiniteNumber, OptionValueError,
+                                     handle_errors, option_name, prepare_output_dir)
+from numba_recon.config import OPTIMIZERS, PREPARE_ON
 from numba_recon.errors import InputError, OutputError
+from numba_recon.io.run_files import (COMMAND_TXT, RUN_OUTPUT_FILES, SUCCESS_MARKER)
+from numba_recon.loss import LOSS_NAMES
 
 log = logging.getLogger(__name__)
 
 
-def parse_keep_fraction(value: str) -> tuple[float | None, float | None]:
-    """``"0.5:0.8"`` -> (0.5, 0.8); ``"0.7"`` -> (0.7, 0.7); ``"auto"`` -> (None, None)."""
-    if value.strip().lower() == "auto":
-        return None, None
-    try:
-        parts = [float(p) for p in value.split(":")]
-    except ValueError:
-        raise InputError(f"--keep-fraction {value!r} is not a number or START:END", None,
-                         "e.g. --keep-fraction 0.5:0.8") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2:
-        raise InputError(f"--keep-fraction {value!r} has {len(parts)} parts", None, "give START:END, e.g. 0.5:0.8")
-    for p in parts:
-        if not 0 < p <= 1:
-            raise InputError(f"--keep-fraction {value!r} is outside (0, 1]", None, "e.g. --keep-fraction 0.5:0.8")
-    return parts[0], parts[1]
+class KeepFraction(click.ParamType):
+    """``--keep-fraction``: ``"0.5:0.8"`` -> (0.5, 0.8); ``"0.7"`` -> (0.7, 0.7); ``"auto"`` -> (None, None).
+    Each part is a :data:`~numba_recon.cli._common.FRACTION`."""
+
+    name = "START:END|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[float | None, float | None]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        if text.lower() == "auto":
+            return None, None
+        parts = text.split(":")
+        if len(parts) > 2:
+            why = f"{len(parts)} parts"
+        else:
+            parsed = [FRACTION.parse(part) for part in parts]
+            why = next((reason or "outside (0, 1]" for _, reason in parsed if reason is not None), None)
+            if why is None:
+                return float(parsed[0][0]), float(parsed[-1][0])
+        raise OptionValueError(f"must be auto, a fraction in (0, 1] or START:END (got {text!r}: {why}); e.g. "
+                               f"{option_name(param)} 0.5:0.8", ctx=ctx, param=param)
+
+
+#: Held-out share of each half: [0, 0.5), so the training part stays the larger.
+CV_FRACTION = FiniteNumber(0, 0.5, max_open=True)
 
 
 @click.command("run", help=__doc__)
 @click.argument("particles", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=True), help="Output folder.")
-@click.option("--optimizer", type=click.Choice(["cg", "adam"]), default="cg", show_default=True,
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="cg", show_default=True,
               help="cg: one-pass direct reconstruction refined by preconditioned conjugate gradients, stopping "
                    "when the held-out loss stops improving; adam: minibatch Adam.")
-@click.option("--epochs", type=int, default=None,
+@click.option("--epochs", type=POSITIVE_INT, default=None,
               help="Passes over each half set (cg: at most, 1 = the direct reconstruction alone).  "
                    "[default: 8 for cg, 20 for adam]")
 @click.option("--early-stop/--no-early-stop", default=True, show_default=True,
@@ -59,43 +76,43 @@ def parse_keep_fraction(value: str) -> tuple[float | None, float | None]:
 @click.option("--precondition", is_flag=True,
               help="adam: precondition the minibatch gradients with the Fourier model of the normal operator "
                    "(built in one extra pass); cg always does.")
-@click.option("--particle-diameter", type=float, default=None,
+@click.option("--particle-diameter", type=POSITIVE_FLOAT, default=None,
               help="Particle diameter in Angstrom (RELION's --particle_diameter): cg keeps the map in a soft-edged "
                    "sphere of this diameter.  [default: estimated from the data]")
-@click.option("--batch-size", type=int, default=256, show_default=True,
+@click.option("--batch-size", type=POSITIVE_INT, default=256, show_default=True,
               help="Particles per half per optimiser step, summed over all MPI ranks.")
-@click.option("--lr", type=float, default=0.2, show_default=True,
+@click.option("--lr", type=POSITIVE_FLOAT, default=0.2, show_default=True,
               help="Adam step size relative to the map scale (cosine-decayed to 5% over the run).")
-@click.option("--reg-lambda", type=float, default=None,
+@click.option("--reg-lambda", type=NONNEGATIVE_FLOAT, default=None,
               help="adam: lambda of the regulariser n*lambda^2*||x||^2 (default 0.01); cg: an optional fixed ridge "
                    "lambda^2 <K> on top of the prior learned from the FSC (default 0).")
-@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seeds half split, hold-out and batch order (0 to 2^63-1).")
-@click.option("--angpix", type=float, default=None, help="Pixel size in Angstrom (needed for .thu input).")
+@click.option("--angpix", type=PIXEL_SIZE, default=None, help="Pixel size in Angstrom (needed for .thu input).")
 @click.option("--root", type=click.Path(file_okay=False), default=None,
               help="Folder that stack paths in the STAR file are relative to (default: the STAR file's folder).")
 @click.option("--class", "class_number", type=int, default=None, help="Use only particles of this rlnClassNumber.")
-@click.option("--cv-fraction", type=float, default=0.05, show_default=True,
+@click.option("--cv-fraction", type=CV_FRACTION, default=0.05, show_default=True,
               help="Fraction of each half held out for the cross-validation loss.")
-@click.option("--checkpoint-every", type=int, default=1, show_default=True, help="Checkpoint every N epochs.")
+@click.option("--checkpoint-every", type=POSITIVE_INT, default=1, show_default=True, help="Checkpoint every N epochs.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="Continue the run in this folder from its newest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace the results in an existing output folder.")
 @click.option("--initial-map", type=click.Path(dir_okay=False), default=None,
               help="adam: start both halves from this map, low-passed at --initial-lowpass (cg starts from the direct "
                    "reconstruction and ignores it).")
-@click.option("--initial-lowpass", type=float, default=60.0, show_default=True,
+@click.option("--initial-lowpass", type=RESOLUTION_ANGSTROM, default=60.0, show_default=True,
               help="adam: low-pass the start map at this resolution in Angstrom (RELION's --ini_high). Both halves "
                    "share the start map, so detail beyond this would be common to them and inflate the FSC.")
-@click.option("--loss", type=click.Choice(["l2", "trimmed", "sorted", "reweighted"]), default="l2", show_default=True,
+@click.option("--loss", type=click.Choice(LOSS_NAMES), default="l2", show_default=True,
               help="Per-particle loss: plain least squares, trimmed (sorted) or iteratively reweighted.")
-@click.option("--keep-fraction", default="auto", show_default=True,
+@click.option("--keep-fraction", type=KeepFraction(), default="auto", show_default=True, metavar="START:END|auto",
               help="Trimmed loss: kept fraction START:END, moving linearly over the robust epochs, or auto "
                    "(keep particles scoring within 3 robust sigmas of the good population).")
-@click.option("--robust-warmup", type=int, default=2, show_default=True,
+@click.option("--robust-warmup", type=NONNEGATIVE_INT, default=2, show_default=True,
               help="Epochs of plain L2 before a robust loss starts.")
-@click.option("--reweight-power", type=float, default=1.0, show_default=True,
+@click.option("--reweight-power", type=POSITIVE_FLOAT, default=1.0, show_default=True,
               help="Reweighted loss: weights ~ 1/(loss + eps)^p.")
 @click.option("--sym", "symmetry", default="C1", show_default=True, help="Point group: C1, Cn, Dn, T, O, I1-I4.")
 @click.option("--truth", type=click.Path(dir_okay=False), default=None,
@@ -103,44 +120,62 @@ def parse_keep_fraction(value: str) -> tuple[float | None, float | None]:
                    "beside the particle file, when its box and voxel size fit]")
 @click.option("--mask", type=click.Path(dir_okay=False), default=None,
               help="Mask for post-processing at the end of the run (masked FSC, sharpening).")
-@click.option("--radius", "radius_px", type=float, default=None, help="Map support radius in pixels (default N/2-1).")
-@click.option("--threads", type=int, default=None,
+@click.option("--radius", "radius_px", type=POSITIVE_FLOAT, default=None,
+              help="Map support radius in pixels (default N/2-1).")
+@click.option("--threads", type=POSITIVE_INT, default=None,
               help="CPU threads per process for the kernels and FFTs.  [default: the cores available divided by "
                    "the MPI ranks on the node]")
-@click.option("--keep-checkpoints", type=int, default=1, show_default=True,
+@click.option("--keep-checkpoints", type=POSITIVE_INT, default=1, show_default=True,
               help="Checkpoints kept once the run has finished (during the run the newest two are kept; at box 400 "
                    "each holds several GB).")
-@click.option("--cache-mb", type=float, default=2048, show_default=True,
+@click.option("--cache-mb", type=NONNEGATIVE_FLOAT, default=2048, show_default=True,
               help="Memory for particles kept between passes (prepared on the host, or as read when they are "
                    "prepared on the GPU); beyond it particles are re-read every pass.")
-@click.option("--prepare-on", "prepare_on", type=click.Choice(["auto", "host", "device"]), default="auto",
+@click.option("--prepare-on", "prepare_on", type=click.Choice(PREPARE_ON), default="auto",
               show_default=True,
               help="Where particle images get their CTF and shift: the backend's device, or host numpy while the "
                    "backend computes. auto: device with --backend cuda, host on the CPU.")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_dir: str | None, overwrite: bool,
-        keep_fraction: str, **options) -> None:
+        keep_fraction: tuple[float | None, float | None], optimizer: str, epochs: int | None, early_stop: bool,
+        drop_duplicates: bool, precondition: bool, particle_diameter: float | None, batch_size: int, lr: float,
+        reg_lambda: float | None, backend: str, seed: int, angpix: float | None, root: str | None,
+        class_number: int | None, cv_fraction: float, checkpoint_every: int, initial_map: str | None,
+        initial_lowpass: float, loss: str, robust_warmup: int, reweight_power: float, symmetry: str,
+        truth: str | None, mask: str | None, radius_px: float | None, threads: int | None, keep_checkpoints: int,
+        cache_mb: float, prepare_on: str) -> None:
     from numba_recon.config import RunConfig
     from numba_recon.reduce import get_comm
 
+    # Each option and the RunConfig field it sets. The keys are also the options' click names, which
+    # --resume uses to tell what the command line gave (RESUME_SAFE_OPTIONS).
+    settings: dict[str, Any] = {
+        "optimizer": optimizer, "epochs": epochs, "early_stop": early_stop, "drop_duplicates": drop_duplicates,
+        "precondition": precondition, "particle_diameter": particle_diameter, "batch_size": batch_size, "lr": lr,
+        "reg_lambda": reg_lambda, "backend": backend, "seed": seed, "angpix": angpix, "root": root,
+        "class_number": class_number, "cv_fraction": cv_fraction, "checkpoint_every": checkpoint_every,
+        "initial_map": initial_map, "initial_lowpass": initial_lowpass, "loss": loss, "robust_warmup": robust_warmup,
+        "reweight_power": reweight_power, "symmetry": symmetry, "truth": truth, "mask": mask, "radius_px": radius_px,
+        "keep_checkpoints": keep_checkpoints, "cache_mb": cache_mb, "prepare_on": prepare_on,
+    }
     comm = get_comm()
-    _use_threads(options.pop("threads"), comm)
+    _use_threads(threads, comm)
     resume = resume_dir is not None
     if resume:
-        config = _config_from_checkpoint(resume_dir, ctx, options, particles)
+        config = _config_from_checkpoint(resume_dir, ctx, settings, particles)
     else:
         if particles is None:
             raise InputError("no particle file given", None, "usage: numba-recon run PARTICLES.star -o OUTDIR")
         if out_dir is None:
             raise InputError("no output folder given", None, "add -o OUTDIR")
-        keep_start, keep_end = parse_keep_fraction(keep_fraction)
+        keep_start, keep_end = keep_fraction
         # absolute paths: a resume from another working directory finds the same files
         for name in ("root", "mask", "initial_map", "truth"):
-            if options.get(name):
-                options[name] = str(Path(options[name]).resolve())
+            if settings[name]:
+                settings[name] = str(Path(settings[name]).resolve())
         config = RunConfig(particles=str(Path(particles).resolve()), out_dir=str(Path(out_dir).resolve()),
-                           keep_start=keep_start, keep_end=keep_end, **options)
+                           keep_start=keep_start, keep_end=keep_end, **settings)
         if not Path(particles).is_file():
             raise InputError("file not found", particles, "check the path")
         _refuse_inputs_among_outputs(config, Path(out_dir))
@@ -184,32 +219,26 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
 
 #: Files a run writes directly in its folder, and folders it writes into (``--overwrite`` removes only
 #: what the output manifest lists as written by the previous run: docs/outputs-and-overwrite.md).
-RUN_OUTPUT_FILES = ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_class001.mrc",
-                    "run_model.star", "run_data.star", "fsc.csv", "history.csv", "half_sets.csv", "summary.json",
-                    "command.txt", "report.html", "run.cxc", "fsc_truth.csv", "run_data_scores.csv",
-                    "NUMBA_RECON_JOB_EXIT_SUCCESS")
 RUN_OUTPUT_FOLDERS = ("checkpoints", "plots", "postprocess")
 
 
 def _start_records(out: Path, resume: bool, verbosity: int):
     """note.txt gets this command, run.log the log from here on; a new run writes command.txt (a
     resume keeps the command that started the run). Returns the log handler."""
-    from numba_recon.checkpoint import atomic_write_text
+    from numba_recon.io.atomic import atomic_write_text
     from numba_recon.journal import append_note, attach_log, command_line
 
     append_note(out)
     if not resume:
-        atomic_write_text(out / "command.txt", command_line() + "\n")
+        atomic_write_text(out / COMMAND_TXT, command_line() + "\n", durable=True)
     return attach_log(out, verbosity)
 
 
 def _use_threads(threads: int | None, comm) -> None:
-    """Set the threads of this process: ``--threads``, else the cores available over the ranks on the node."""
+    """Set the threads of this process: ``--threads`` (positive, by its type), else the cores available
+    over the ranks on the node."""
     from numba_recon.threads import available_cores, default_threads, set_threads
 
-    if threads is not None and threads <= 0:
-        raise InputError(f"--threads must be positive (got {threads})", None,
-                         f"give at most the {available_cores()} cores available, or omit it")
     n = threads if threads is not None else default_threads(comm.local_size)
     kernel = set_threads(n)
     log.debug("%d thread(s) per process (%d core(s) available, %d rank(s) on this node)%s", n, available_cores(),
@@ -256,7 +285,7 @@ def run_output_names(config) -> tuple[str, ...]:
     """The names a run with ``config`` may write (relative to its folder): with --overwrite, a file of
     another with one of these names is refused, never replaced."""
     from numba_recon.checkpoint import checkpoint_name
-    from numba_recon.report import PLOT_FILES, POSTPROCESS_DIR
+    from numba_recon.io.run_files import PLOT_FILES, POSTPROCESS_DIR
 
     names = [*RUN_OUTPUT_FILES, "checkpoints/latest.json", *(f"plots/{name}" for name in PLOT_FILES)]
     epochs = getattr(config, "epochs", None) or 0
@@ -285,13 +314,17 @@ def _clear_outputs(out: Path, overwrite: bool = False, config=None, resume: bool
 
 def _mark_success(out: Path) -> None:
     """RELION's marker of a finished job, listed in the output manifest."""
-    from numba_recon import manifest
+    from numba_recon.io.atomic import write_marker
 
-    manifest.mark(out / "NUMBA_RECON_JOB_EXIT_SUCCESS")
+    write_marker(out / SUCCESS_MARKER)
 
 
-def _config_from_checkpoint(resume_dir: str, ctx: click.Context, options: dict, particles: str | None):
-    """The stored configuration of a run, with --epochs (and the number of ranks) allowed to change."""
+def _config_from_checkpoint(resume_dir: str, ctx: click.Context, options: dict[str, Any], particles: str | None):
+    """The stored configuration of a run, with --epochs (and the number of ranks) allowed to change.
+
+    ``options`` maps RunConfig fields to this command line's values (defaults included); only those
+    the command line gave are compared with the stored run.
+    """
     from numba_recon.checkpoint import load_latest
     from numba_recon.config import RunConfig
 
@@ -312,8 +345,8 @@ def _config_from_checkpoint(resume_dir: str, ctx: click.Context, options: dict, 
         flags = ", ".join(spelling.get(name, name) for name in changing)
         raise InputError(f"--resume continues the stored run, and {flags} would change it", out,
                          "resume without those options (only --epochs, --early-stop/--no-early-stop, --mask, "
-                         "--backend, --cache-mb, --prepare-on and --checkpoint-every may change), or start a new run in "
-                         "another -o folder")
+                         "--backend, --cache-mb, --prepare-on and --checkpoint-every may change), or start a new run "
+                         "in another -o folder")
     for name in given:
         if name in RESUME_SAFE_OPTIONS:
             data[name] = (str(Path(options[name]).resolve()) if name in ("mask", "truth") and options[name]

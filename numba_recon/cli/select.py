@@ -20,14 +20,13 @@ Examples:
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import click
 import numpy as np
 
-from numba_recon.cli._common import check_output_file, handle_errors
+from numba_recon.cli._common import FINITE_FLOAT, FRACTION, PIXEL_SIZE, check_output_file, handle_errors
 from numba_recon.errors import InputError, InputFileError
 
 SCORE = "rlnNumbaReconScore"
@@ -48,11 +47,11 @@ def run_image_root(run_data: str | os.PathLike) -> str | None:
 @click.command("select", help=__doc__)
 @click.argument("run_data", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Cleaned STAR file.")
-@click.option("--keep-fraction", type=float, default=None, help="Keep this fraction (0, 1] of each half set.")
-@click.option("--max-score", type=float, default=None, help="Keep particles with a score at most this value.")
+@click.option("--keep-fraction", type=FRACTION, default=None, help="Keep this fraction (0, 1] of each half set.")
+@click.option("--max-score", type=FINITE_FLOAT, default=None, help="Keep particles with a score at most this value.")
 @click.option("--kept", "use_kept", is_flag=True,
               help="Keep the particles the robust loss kept (column kept of run_data_scores.csv).")
-@click.option("--angpix", type=float, default=None, help="Pixel size, if the STAR file lacks it.")
+@click.option("--angpix", type=PIXEL_SIZE, default=None, help="Pixel size, if the STAR file lacks it.")
 @click.option("--root", type=click.Path(file_okay=False), default=None,
               help="Folder the image paths are relative to (default: the run's own, from summary.json, "
                    "else the STAR file's folder).")
@@ -66,14 +65,6 @@ def select(run_data: str, output: str, keep_fraction: float | None, max_score: f
     if chosen != 1:
         raise InputError("give exactly one of --keep-fraction, --max-score or --kept", None,
                          "e.g. --keep-fraction 0.7")
-    if keep_fraction is not None and not 0 < keep_fraction <= 1:  # also refuses NaN
-        raise InputError(f"--keep-fraction {keep_fraction} is outside (0, 1]", None, "e.g. --keep-fraction 0.7")
-    if max_score is not None and not math.isfinite(max_score):
-        raise InputError(f"--max-score {max_score} is not a finite number", None,
-                         "give a score from the score column of run_data_scores.csv, e.g. --max-score -0.02")
-    if angpix is not None and not (math.isfinite(angpix) and angpix > 0):
-        raise InputError(f"--angpix {angpix} must be a finite positive number of Angstrom", None,
-                         "e.g. --angpix 1.06")
     out = check_output_file(output, overwrite)
     particles = read_star(run_data, angpix=angpix, root=root if root is not None else run_image_root(run_data))
     table = particles.table

@@ -23,37 +23,44 @@ from __future__ import annotations
 
 import click
 
-from numba_recon.cli._common import handle_errors, overwrite_option
+from numba_recon.cli._common import (FiniteNumber, NONNEGATIVE_FLOAT, PIXEL_SIZE, POSITIVE_FLOAT, POSITIVE_INT, SEED,
+                                     handle_errors, overwrite_option)
+
+#: [0, 1): a share that cannot be the whole set.
+_PROPER_FRACTION = FiniteNumber(0, 1, max_open=True)
 
 
 @click.command("simulate", help=__doc__)
 @click.option("-o", "--output", "--out", "out_dir", required=True, type=click.Path(),
               help="Output folder (must be empty or new unless --overwrite).")
-@click.option("--n-particles", type=int, default=5000, show_default=True, help="Number of particle images.")
-@click.option("--box-size", type=int, default=None,
+@click.option("--n-particles", type=POSITIVE_INT, default=5000, show_default=True, help="Number of particle images.")
+@click.option("--box-size", type=POSITIVE_INT, default=None,
               help="Image size in pixels.  [default: 64, or the size of --volume]")
-@click.option("--angpix", type=float, default=None,
+@click.option("--angpix", type=PIXEL_SIZE, default=None,
               help="Pixel size in Angstrom.  [default: 2.0, or the voxel size of --volume]")
-@click.option("--snr", type=float, default=0.1, show_default=True,
+@click.option("--snr", type=POSITIVE_FLOAT, default=0.1, show_default=True,
               help="Signal-to-noise ratio (variance of the clean image over the whole box / noise variance).")
-@click.option("--defocus-min", type=float, default=1.0, show_default=True, help="Smallest defocus U, micrometres.")
-@click.option("--defocus-max", type=float, default=2.5, show_default=True, help="Largest defocus U, micrometres.")
-@click.option("--astigmatism", type=float, default=200.0, show_default=True,
+@click.option("--defocus-min", type=POSITIVE_FLOAT, default=1.0, show_default=True,
+              help="Smallest defocus U, micrometres.")
+@click.option("--defocus-max", type=POSITIVE_FLOAT, default=2.5, show_default=True,
+              help="Largest defocus U, micrometres.")
+@click.option("--astigmatism", type=NONNEGATIVE_FLOAT, default=200.0, show_default=True,
               help="DefocusU - DefocusV in Angstrom.")
-@click.option("--voltage", type=float, default=300.0, show_default=True, help="Acceleration voltage, kV.")
-@click.option("--cs", type=float, default=2.7, show_default=True, help="Spherical aberration, mm.")
-@click.option("--amplitude-contrast", type=float, default=0.1, show_default=True, help="Amplitude contrast Q0.")
-@click.option("--max-shift", type=float, default=3.0, show_default=True,
+@click.option("--voltage", type=POSITIVE_FLOAT, default=300.0, show_default=True, help="Acceleration voltage, kV.")
+@click.option("--cs", type=NONNEGATIVE_FLOAT, default=2.7, show_default=True, help="Spherical aberration, mm.")
+@click.option("--amplitude-contrast", type=_PROPER_FRACTION, default=0.1, show_default=True,
+              help="Amplitude contrast Q0.")
+@click.option("--max-shift", type=NONNEGATIVE_FLOAT, default=3.0, show_default=True,
               help="Origins are drawn uniformly in a disc of this radius, pixels.")
-@click.option("--junk-fraction", type=float, default=0.0, show_default=True,
+@click.option("--junk-fraction", type=_PROPER_FRACTION, default=0.0, show_default=True,
               help="Fraction of junk particles, in [0, 1).")
 @click.option("--junk-kind", "junk_kinds", multiple=True,
               type=click.Choice(["noise", "wrong_pose", "other_object"]),
               help="Kind of junk (repeatable; the kinds share the junk evenly).  [default: all three]")
 @click.option("--volume", "volume_path", type=click.Path(dir_okay=False), default=None,
               help="Project this MRC map instead of the built-in phantom.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same data).")
-@click.option("--particles-per-stack", type=int, default=1000, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Random seed (same seed, same data).")
+@click.option("--particles-per-stack", type=POSITIVE_INT, default=1000, show_default=True,
               help="Images per .mrcs stack.")
 @overwrite_option
 @handle_errors

@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from numba_recon.contract import support_limit  # noqa: F401  (the kernels call _support.support_limit)
+
 #: Element types the CPU kernels are compiled for.
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -71,23 +73,6 @@ def as_rotations(rotations: object, batch: int, dtype: np.dtype) -> np.ndarray:
         if dev > _ORTHONORMAL_TOL:
             raise ValueError(f"rotations: not rotation matrices (max |A A^T - I| = {dev:.3g})")
     return np.ascontiguousarray(rotations, dtype=dtype)
-
-
-def support_limit(radius_px: float, n: int) -> int:
-    """Largest integer ``|r|^2`` of a voxel in the support sphere of ``radius_px`` (box ``n``).
-
-    Voxel offsets are integers, so ``|r|^2 <= radius_px^2`` is the integer test
-    ``|r|^2 <= floor(radius_px^2)``; the value is capped at the largest ``|r|^2`` in the box so
-    that an infinite radius means "the whole box".
-    """
-    radius = float(radius_px)
-    if math.isnan(radius) or radius < 0:
-        raise ValueError(f"radius_px must be >= 0, got {radius_px!r}")
-    c = n // 2
-    largest = 3 * max(c, n - 1 - c) ** 2
-    if math.isinf(radius):
-        return largest
-    return min(largest, math.floor(radius * radius))
 
 
 @functools.lru_cache(maxsize=32)

@@ -17,46 +17,13 @@ reproduces exactly this operator on the device.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import scipy.fft
 
+from numba_recon.contract import CTF_COLUMNS, check_prepare_arguments, ctf_parameters  # noqa: F401
 from numba_recon.ctf import ctf_images
 from numba_recon.threads import fft_workers
-
-#: Column order of the ``(b, 9)`` float64 CTF parameter array; the keys of ``ParticleSet.ctf``.
-CTF_COLUMNS: tuple[str, ...] = (
-    "defocus_u_angstrom",
-    "defocus_v_angstrom",
-    "defocus_angle_deg",
-    "voltage_kv",
-    "cs_mm",
-    "amplitude_contrast",
-    "phase_shift_deg",
-    "bfactor_angstrom2",
-    "scale",
-)
-
-
-def ctf_parameters(ctf: Mapping[str, Any], index: np.ndarray | None = None) -> np.ndarray:
-    """The ``(b, 9)`` float64 CTF parameter array (columns :data:`CTF_COLUMNS`) of a ``ParticleSet.ctf``
-    mapping of ``(n,)`` arrays, for the rows ``index (b,)`` (all rows when None).
-
-    Raises ``ValueError`` when a column is missing or the columns differ in length.
-    """
-    missing = [k for k in CTF_COLUMNS if k not in ctf]
-    if missing:
-        raise ValueError(f"ctf: lacks {', '.join(missing)}")
-    columns = [np.asarray(ctf[k], dtype=np.float64).reshape(-1) for k in CTF_COLUMNS]
-    if len({c.size for c in columns}) != 1:
-        raise ValueError(f"ctf: columns of different lengths {[c.size for c in columns]}")
-    if index is not None:
-        columns = [c[index] for c in columns]
-    return np.ascontiguousarray(np.stack(columns, axis=1), dtype=np.float64)
-
 
 def shift_phase(box_size: int, shifts_px: np.ndarray) -> np.ndarray:
     """Fourier phase ramps that move image content by ``+shift``: ``exp(-2 pi i k.s / N)``.
@@ -94,48 +61,6 @@ def background_means(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mean of each image over the background pixels ``mask (N, N)``: ``images (b, N, N)`` -> ``(b,)`` float64."""
     with np.errstate(over="ignore", invalid="ignore"):
         return images[:, mask].mean(axis=1, dtype=np.float64)
-
-
-def _check(name: str, a: Any, shape: tuple[int | None, ...], dtypes: tuple[Any, ...], host: bool = True) -> None:
-    if host and not isinstance(a, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if np.dtype(a.dtype) not in [np.dtype(d) for d in dtypes]:
-        want = " or ".join(str(np.dtype(d)) for d in dtypes)
-        raise TypeError(f"{name}: expected {want}, got {np.dtype(a.dtype)}")
-    if len(a.shape) != len(shape) or any(w is not None and g != w for g, w in zip(a.shape, shape)):
-        extents = ", ".join("*" if w is None else str(w) for w in shape)
-        want_text = f"({extents},)" if len(shape) == 1 else f"({extents})"
-        raise ValueError(f"{name}: expected shape {want_text}, got {tuple(a.shape)}")
-    contiguous = a.flags.c_contiguous if host else a.is_c_contiguous()
-    if not contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous array")
-
-
-def check_prepare_arguments(images: Any, ctf_params: Any, shifts_px: Any, premultiplied: Any,
-                            pixel_size_angstrom: float, background_mask: Any, data_out: Any, filters2_out: Any,
-                            data_norm2_out: Any, noise_var_out: Any, host: bool = True) -> tuple[int, int]:
-    """Check the arguments of ``prepare_particles`` (either backend; ``host`` False: device arrays,
-    whose type the caller has checked). Returns ``(b, N)``.
-
-    Raises ``TypeError`` for a wrong array type or dtype and ``ValueError`` for a wrong shape,
-    layout or pixel size, naming the argument.
-    """
-    if len(getattr(images, "shape", ())) != 3:
-        _check("images", images, (None, None, None), (np.float32,), host)
-    nb, n = int(images.shape[0]), int(images.shape[1])
-    _check("images", images, (nb, n, n), (np.float32,), host)
-    _check("ctf_params", ctf_params, (nb, len(CTF_COLUMNS)), (np.float64,), host)
-    _check("shifts_px", shifts_px, (nb, 2), (np.float64,), host)
-    _check("premultiplied", premultiplied, (nb,), (np.bool_, np.uint8), host)
-    _check("background_mask", background_mask, (n, n), (np.bool_, np.uint8), host)
-    _check("data_out", data_out, (nb, n, n), (np.float32,), host)
-    _check("filters2_out", filters2_out, (nb, n, n), (np.float32,), host)
-    _check("data_norm2_out", data_norm2_out, (nb,), (np.float32,), host)
-    _check("noise_var_out", noise_var_out, (nb,), (np.float32,), host)
-    pixel = float(pixel_size_angstrom)
-    if not (math.isfinite(pixel) and pixel > 0):
-        raise ValueError(f"pixel_size_angstrom must be finite and > 0, got {pixel_size_angstrom!r}")
-    return nb, n
 
 
 def prepare_particles(images: np.ndarray, ctf_params: np.ndarray, shifts_px: np.ndarray, premultiplied: np.ndarray,

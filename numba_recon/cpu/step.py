@@ -1,7 +1,7 @@
 """The optimiser step of the CPU backend, and the buffer helpers the engine reuses every step.
 
 Same names and signatures as :mod:`numba_recon.cuda.step`. The arithmetic is
-:func:`numba_recon.step.adam_apply`'s numpy code, operation for operation, so that an adam run on
+:func:`numba_recon.contract.adam_apply`'s numpy code, operation for operation, so that an adam run on
 the CPU gives the same maps bit for bit whether its step is taken here or through
 :func:`numba_recon.step.adam_step` (resumed runs and runs on several ranks are compared bitwise).
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from numba_recon.step import adam_apply
+from numba_recon.contract import adam_apply
 
 
 def _check_stack(name: str, a: Any, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -72,7 +72,7 @@ def adam_update(params: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarr
         ``grad`` holds the gradient the step used on return).
     v
         ``(k,)`` float32, the second moment of each half (the running mean of ``grad**2`` over the
-        map; see :func:`numba_recon.step.adam_apply`), updated in place.
+        map; see :func:`numba_recon.contract.adam_apply`), updated in place.
     lr
         Step size, a scalar or one per leading index ``(k,)``, in the units of ``params``.
     beta1, beta2, eps

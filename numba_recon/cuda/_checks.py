@@ -6,7 +6,6 @@ they raise ``TypeError``/``ValueError`` with the argument's name.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -26,23 +25,6 @@ def device_f32(name: str, a: Any, shape: tuple[int | None, ...]) -> None:
         raise ValueError(f"{name}: expected shape {want_text}, got {tuple(a.shape)}")
     if not a.is_c_contiguous():
         raise ValueError(f"{name}: expected a C-contiguous array")
-
-
-def support_limit(radius_px: float, n: int) -> np.int32:
-    """Largest integer ``|r|^2`` inside the support sphere of ``radius_px`` in a box of ``n``.
-
-    Voxel offsets are integers, so ``|r|^2 <= radius_px^2`` is the same test as
-    ``|r|^2 <= floor(radius_px^2)``, done exactly in integers on the device. The value is capped at
-    the largest ``|r|^2`` in the box so that an infinite radius means "no support mask".
-    """
-    radius = float(radius_px)
-    if math.isnan(radius) or radius < 0:
-        raise ValueError(f"radius_px must be >= 0, got {radius_px!r}")
-    c = n // 2
-    largest = 3 * max(c, n - 1 - c) ** 2
-    if math.isinf(radius):
-        return np.int32(largest)
-    return np.int32(min(largest, math.floor(radius * radius)))
 
 
 def brick_depth(threads_per_block: int) -> int:

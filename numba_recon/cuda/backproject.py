@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from numba_recon.cuda._checks import brick_depth, device_f32, support_limit
+from numba_recon.contract import support_limit
+from numba_recon.cuda._checks import brick_depth, device_f32
 from numba_recon.cuda._target import cuda
 from numba_recon.cuda.memory import scratch
 
@@ -152,7 +153,7 @@ def _launch(images: Any, rotations: Any, weights: Any, use_weights: int, factor:
     n = out.shape[0]
     nb = rotations.shape[0]
     depth = brick_depth(threads_per_block)
-    r2_max = support_limit(radius_px, n)
+    r2_max = np.int32(support_limit(radius_px, n))
     if nb == 0 or n == 0:
         return
     nbx = -(-n // 8)

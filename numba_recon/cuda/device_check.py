@@ -492,11 +492,13 @@ def _run_forward_residual(p: dict[str, np.ndarray], volume: np.ndarray, radius: 
 
 
 def _cpu_backend() -> tuple[Any, str | None]:
+    """The CPU twin, through the one dispatch point."""
+    from numba_recon.backend import get_backend
+
     try:
-        import numba_recon.cpu as cpu
-    except ImportError as err:
-        return None, f"numba_recon.cpu not importable: {err}"
-    return cpu, None
+        return get_backend("cpu"), None
+    except Exception as err:  # noqa: BLE001 - reported in the check's JSON, not raised
+        return None, f"the CPU backend is not usable: {err}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,9 +727,9 @@ def atomics_benchmark(n_threads: int, reps: int) -> dict[str, Any]:
 
 
 def _write(path: Path, result: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    from numba_recon.io.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=1, default=str) + "\n")
 
 
 def _section(result: dict[str, Any], path: Path, name: str, fn: Callable[[], Any]) -> None:

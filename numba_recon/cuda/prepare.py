@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from numba_recon.cpu.prepare import check_prepare_arguments
+from numba_recon.contract import check_prepare_arguments
 from numba_recon.cuda._target import cuda, is_device_array
 from numba_recon.cuda.fourier import MAX_BATCH_BLOCKS, _device_matrices, _stage
 from numba_recon.cuda.memory import scratch
@@ -273,7 +273,7 @@ def prepare_particles(images: Any, ctf_params: Any, shifts_px: Any, premultiplie
 
     Same arguments and results as :func:`numba_recon.cpu.prepare.prepare_particles`, as C-contiguous
     device arrays: ``images (b, N, N)`` float32 (not modified), ``ctf_params (b, 9)`` float64
-    (columns :data:`~numba_recon.cpu.prepare.CTF_COLUMNS`), ``shifts_px (b, 2)`` float64 ``(x, y)``,
+    (columns :data:`~numba_recon.contract.CTF_COLUMNS`), ``shifts_px (b, 2)`` float64 ``(x, y)``,
     ``premultiplied (b,)`` bool or uint8, ``background_mask (N, N)`` bool or uint8, and the float32
     outputs ``data_out``, ``filters2_out (b, N, N)``, ``data_norm2_out``, ``noise_var_out (b,)``.
     ``pixel_size_angstrom`` is a host number. Copy the float64 and bool arrays with

@@ -54,7 +54,8 @@ from typing import Any
 
 import numpy as np
 
-from numba_recon.cuda._checks import brick_depth, device_f32, support_limit
+from numba_recon.contract import support_limit
+from numba_recon.cuda._checks import brick_depth, device_f32
 from numba_recon.cuda._target import SIMULATOR, cuda
 
 #: Images splatted per shared-memory pass (tiles of GROUP x TILE x TILE float32 = 16 KiB).
@@ -429,7 +430,7 @@ def project(volume: Any, rotations: Any, radius_px: float, out: Any, *,
     device_f32("rotations", rotations, (None, 3, 3))
     nb = rotations.shape[0]
     device_f32("out", out, (nb, n, n))
-    r2_max = support_limit(radius_px, n)
+    r2_max = np.int32(support_limit(radius_px, n))
     grid = launch_grid(n, nb, threads_per_block, image_slices=image_slices)
     if nb == 0 or n == 0:
         return

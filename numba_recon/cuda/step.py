@@ -4,7 +4,7 @@ Same names and signatures as :mod:`numba_recon.cpu.step`. The maps, gradients an
 stay on the device for the whole run; these launchers read and write them in place, one
 grid-stride launch per half map with its per-half constants passed as float32 scalars (no small
 host arrays, which numba would copy to the device and back around each launch). Everything is
-float32, in the order of :func:`numba_recon.step.adam_apply`; the result differs from the CPU's
+float32, in the order of :func:`numba_recon.contract.adam_apply`; the result differs from the CPU's
 only where the GPU contracts a multiply and an add into one fused operation.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 from numba_recon.cuda._checks import device_f32
 from numba_recon.cuda._target import cuda, is_device_array
 from numba_recon.cuda.memory import fill
-from numba_recon.step import adam_coefficients
+from numba_recon.contract import adam_coefficients
 
 _THREADS = 256
 _PER_THREAD = 4  # elements per thread of the grid-stride loops
@@ -88,7 +88,7 @@ def _adam_kernel(p, g, m, v, h, beta1, one_minus_beta1, step_size, eps_hat):
 
     ``m = beta1 m + (1 - beta1) g`` and ``p -= step_size * m / (sqrt(v[h]) + eps_hat)``, where
     ``v[h]`` is the half's second moment (already updated) and ``step_size`` and ``eps_hat``
-    carry the bias corrections (:func:`numba_recon.step.adam_coefficients`).
+    carry the bias corrections (:func:`numba_recon.contract.adam_coefficients`).
     """
     denom = np.float32(math.sqrt(v[h])) + eps_hat
     for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
@@ -149,7 +149,7 @@ def adam_update(params: Any, grad: Any, m: Any, v: Any, lr: Any, beta1: float, b
     """One Adam step of ``params`` in place, on the device (asynchronous).
 
     Three launches per half: the second moment's decay, the (scaled) gradient's sum of squares
-    into it, and the step (see :func:`numba_recon.step.adam_apply` for why the second moment is
+    into it, and the step (see :func:`numba_recon.contract.adam_apply` for why the second moment is
     one number per half).
 
     Parameters

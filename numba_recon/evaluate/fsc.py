@@ -26,7 +26,7 @@ import numpy as np
 import scipy.fft
 
 from numba_recon.errors import InputError
-from numba_recon.io import atomic_output
+from numba_recon.io.atomic import atomic_output, atomic_write_text
 
 __all__ = [
     "FSCCurve",
@@ -350,7 +350,7 @@ def _write_table_csv(path: str | os.PathLike, axis: FSCCurve, curves: Mapping[st
                f"{axis.resolution_angstrom[i]:.4f}"]
         row += [f"{float(np.asarray(curves[k])[i]):.6f}" for k in names]
         writer.writerow(row)
-    return atomic_write_text(path, buf.getvalue(), overwrite)
+    return atomic_write_text(path, buf.getvalue(), overwrite=overwrite)
 
 
 def write_fsc_csv(path: str | os.PathLike, curves: Mapping[str, np.ndarray], box_size: int,
@@ -375,20 +375,6 @@ def write_fsc_csv(path: str | os.PathLike, curves: Mapping[str, np.ndarray], box
             raise InputError(f"curve {name!r} has {np.asarray(values).size} shells, expected {axis.fsc.size}",
                              fix="pass curves computed for this box size")
     return _write_table_csv(path, axis, curves, overwrite)
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic output helpers
-# --------------------------------------------------------------------------------------------
-
-def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
-    """Write ``text`` under a temporary name in the same folder, then rename it onto ``path``.
-
-    Raises :class:`~numba_recon.errors.OutputError` if ``path`` exists and ``overwrite`` is False.
-    """
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +458,7 @@ def _new_figure(width_in: float = 7.0, height_in: float = 4.6):
 
 def save_figure(fig, path: str | os.PathLike, overwrite: bool = True, dpi: int = 150) -> Path:
     """Save a figure as PNG under a temporary name, then rename it onto ``path`` (listed in the
-    output manifest, as every :func:`~numba_recon.io.atomic_output` write)."""
+    output manifest, as every :func:`~numba_recon.io.atomic.atomic_output` write)."""
     with atomic_output(path, overwrite=overwrite) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return Path(path)

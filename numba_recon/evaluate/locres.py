@@ -49,10 +49,11 @@ import numba
 import numpy as np
 import scipy.fft
 
+from numba_recon.checks import finite_above
 from numba_recon.errors import InputError
 from numba_recon.evaluate.fsc import (_fft_workers, _new_figure, check_mask, check_volume, irfft3,
                                       last_shell_above, randomize_phases_from_ft, rfft3, save_figure, shell_index)
-from numba_recon.io import atomic_output
+from numba_recon.io.atomic import atomic_output
 
 __all__ = ["LocresResult", "local_resolution", "window_profile", "sampling_points", "subbox_size",
            "check_locres_outputs", "write_locres", "LOCRES_FILES", "DEFAULT_WINDOW_ANGSTROM",
@@ -294,7 +295,7 @@ def _windowed_fscs(map1: np.ndarray, map2: np.ndarray, points: np.ndarray, windo
 
 def _check_positive(value: float, option: str, example: str) -> float:
     v = float(value)
-    if not (math.isfinite(v) and v > 0):
+    if not finite_above(v):
         raise InputError(f"{option} {value:g} must be a finite positive number of Angstrom",
                          fix=f"e.g. {option} {example}")
     return v

@@ -15,9 +15,12 @@ Distances are between voxel centres and only voxels inside the box count, as in 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
-from numba_recon.errors import InputError
+from numba_recon.errors import InputError, InputFileError
 from numba_recon.evaluate.fsc import check_volume
 
 __all__ = ["create_mask", "auto_threshold", "spherical_mask", "AUTO_THRESHOLD_NOISE_SIGMAS",
@@ -211,3 +214,50 @@ def spherical_mask(box: int, radius_px: float, soft_edge_px: float = 0) -> np.nd
         edge = (r > radius_px) & (r < radius_px + width)
         mask[edge] = 0.5 + 0.5 * np.cos(np.pi * (r[edge] - radius_px) / width)
     return mask.astype(np.float32)
+
+
+def validate_mask(path: str | os.PathLike, box_size: int, pixel_size_angstrom: float) -> np.ndarray:
+    """Read the post-processing mask of a run and check that it fits the reconstruction.
+
+    Call it before the first epoch, so a wrong mask stops the run at once instead of at the end.
+
+    Parameters
+    ----------
+    path
+        MRC mask (values in [0, 1], 1 = particle), e.g. from ``numba-recon mask``.
+    box_size, pixel_size_angstrom
+        The particles' box and pixel size.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, N, N)`` float32 mask.
+
+    Raises
+    ------
+    InputFileError
+        Missing or unreadable file, another box or voxel size, values outside [0, 1], or an empty
+        mask; the message names the file and the fix.
+    """
+    from numba_recon.evaluate.fsc import check_mask
+    from numba_recon.io.mrc import read_volume
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError("mask file not found", p, "check the --mask path")
+    mask, voxel = read_volume(p)
+    n = int(box_size)
+    if mask.shape != (n, n, n):
+        raise InputFileError(f"mask box {mask.shape[0]} differs from the particle box {n}", p,
+                             "make the mask from a map of this reconstruction's box (numba-recon mask), or resample it")
+    angpix = float(pixel_size_angstrom)
+    if voxel > 0 and abs(voxel - angpix) > 1e-3 * angpix:
+        raise InputFileError(f"mask voxel size {voxel:.4f} A differs from the particle pixel size {angpix:.4f} A", p,
+                             "make the mask at the particles' pixel size")
+    try:
+        mask = check_mask(mask, mask.shape)
+    except InputError as err:
+        raise InputFileError(err.problem, p, err.fix) from None
+    if not float(mask.max()) > 0:
+        raise InputFileError("mask is empty (all zero)", p, "lower the threshold when making the mask")
+    return mask

@@ -29,16 +29,26 @@ from pathlib import Path
 
 import numpy as np
 
+from numba_recon.checks import finite_above
 from numba_recon.errors import InputError, OutputError
-from numba_recon.io import atomic_output
+from numba_recon.io.atomic import atomic_output
+from numba_recon.io.star_text import format_value, loop_block, record_block
 from numba_recon.evaluate.filters import (bfactor_factor, fit_guinier_line, fsc_weighting_factors,
                                           guinier_from_ft, lowpass_factor)
 from numba_recon.evaluate.fsc import (_new_figure, check_mask, check_volume, fsc_from_ft, irfft3,
                                       last_shell_above, per_shell, plot_fsc, randomize_phases_from_ft, rfft3,
                                       save_figure, shell_resolutions_angstrom, write_fsc_csv)
 
-__all__ = ["PostprocessResult", "postprocess", "check_bfactor", "write_postprocess", "check_postprocess_outputs", "POSTPROCESS_FILES",
-           "postprocess_star_text", "plot_guinier"]
+__all__ = [
+    "PostprocessResult",
+    "postprocess",
+    "check_bfactor",
+    "write_postprocess",
+    "check_postprocess_outputs",
+    "POSTPROCESS_FILES",
+    "postprocess_star_text",
+    "plot_guinier",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -146,15 +156,6 @@ _MAX_LOG_GAIN = math.log(np.finfo(np.float64).max)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _finite_above(value: float, lower: float) -> bool:
-    """True if ``value`` is a finite number greater than ``lower``."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return False
-    return math.isfinite(x) and x > lower
-
-
 def check_bfactor(bfactor_angstrom2: float, pixel_size_angstrom: float) -> None:
     """Refuse a B-factor that is not finite or whose gain ``exp(-(B/4) s^2)`` at Nyquist
     (``s = 1 / (2 angpix)``) overflows float64, which would turn the sharpened map into inf/NaN.
@@ -226,15 +227,15 @@ def postprocess(half1: np.ndarray, half2: np.ndarray, pixel_size_angstrom: float
         raise InputError(f"the half maps have different boxes {h1.shape} and {h2.shape}",
                          fix="use the two half maps of one reconstruction")
     # Every check is ``not (finite and in range)``: NaN and infinity pass plain ``> 0`` tests.
-    if pixel_size_angstrom is None or not _finite_above(pixel_size_angstrom, 0.0):
+    if pixel_size_angstrom is None or not finite_above(pixel_size_angstrom, 0.0):
         raise InputError(f"pixel size {pixel_size_angstrom} must be a finite positive number of Angstrom",
                          fix="pass --angpix or fix the map header")
     if not 0.0 < float(randomize_at_fsc) < 1.0:
         raise InputError(f"randomize_at_fsc {randomize_at_fsc} must lie between 0 and 1", fix="use e.g. 0.8")
-    if lowpass_angstrom is not None and not _finite_above(lowpass_angstrom, 0.0):
+    if lowpass_angstrom is not None and not finite_above(lowpass_angstrom, 0.0):
         raise InputError(f"--lowpass {lowpass_angstrom} must be a finite positive resolution in Angstrom",
                          fix="e.g. --lowpass 4")
-    if not _finite_above(autob_lowres, 0.0):
+    if not finite_above(autob_lowres, 0.0):
         raise InputError(f"--autob-lowres {autob_lowres} must be a finite positive resolution in Angstrom",
                          fix="e.g. --autob-lowres 10")
     if autob_highres is not None and not math.isfinite(float(autob_highres)):
@@ -371,15 +372,10 @@ def postprocess(half1: np.ndarray, half2: np.ndarray, pixel_size_angstrom: float
 # --------------------------------------------------------------------------------------------
 
 def _star_value(value) -> str:
-    if isinstance(value, (str, os.PathLike)):
-        text = os.fspath(value)
-        if text == "" or any(c.isspace() for c in text) or text.startswith(("_", "#", "'", '"')):
-            return '"' + text.replace('"', "'") + '"'
-        return text
-    if isinstance(value, (bool, np.bool_)):
-        return "1" if value else "0"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
+    """A value of ``postprocess.star``: text quoted by the one STAR rule, numbers as RELION's
+    post-processing writes them (six decimals, -99 for an empty Guinier shell)."""
+    if isinstance(value, (str, os.PathLike, bool, np.bool_, int, np.integer)):
+        return format_value(value)
     v = float(value)
     if not np.isfinite(v):
         v = -99.0  # RELION's value for an empty Guinier shell
@@ -387,12 +383,7 @@ def _star_value(value) -> str:
 
 
 def _star_loop(name: str, columns: dict[str, np.ndarray]) -> str:
-    lines = ["", "# version 30001", "", f"data_{name}", "", "loop_"]
-    lines += [f"_{label} #{i + 1}" for i, label in enumerate(columns)]
-    values = list(columns.values())
-    for row in range(len(values[0])):
-        lines.append(" ".join(f"{_star_value(col[row]):>12}" for col in values))
-    return "\n".join(lines) + "\n"
+    return loop_block(name, {label: [_star_value(v) for v in values] for label, values in columns.items()})
 
 
 def postprocess_star_text(result: PostprocessResult, half1_path: str | os.PathLike,
@@ -411,9 +402,7 @@ def postprocess_star_text(result: PostprocessResult, half1_path: str | os.PathLi
         general["rlnFittedSlopeGuinierPlot"] = result.guinier_slope
         general["rlnFittedInterceptGuinierPlot"] = result.guinier_intercept
         general["rlnCorrelationFitGuinierPlot"] = result.guinier_correlation
-    width = max(len(k) for k in general) + 4
-    text = "# version 30001\n\ndata_general\n\n"
-    text += "".join(f"_{k:<{width}}{_star_value(v)}\n" for k, v in general.items())
+    text = record_block("general", [(k, _star_value(v)) for k, v in general.items()])
 
     n, angpix = result.box_size, result.pixel_size_angstrom
     idx = np.arange(n // 2 + 1)

@@ -13,7 +13,6 @@ statistics filled in.
 
 from __future__ import annotations
 
-import math
 import os
 import stat
 import time
@@ -25,8 +24,9 @@ import mrcfile
 import numpy as np
 from mrcfile import utils as mrc_utils
 
+from numba_recon.checks import finite_above
 from numba_recon.errors import InputFileError
-from numba_recon.io import atomic_output
+from numba_recon.io.atomic import atomic_output
 
 __all__ = [
     "MAX_OPEN_STACKS",
@@ -181,7 +181,7 @@ def _voxel(value: object) -> float:
     negative size; callers treat 0 as missing and ask for the pixel size instead.
     """
     v = float(value)
-    return v if math.isfinite(v) and v > 0 else 0.0
+    return v if finite_above(v) else 0.0
 
 
 def factorize_paths(paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -568,7 +568,7 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, voxel_size_angstro
 
 def _final_stem(path: str | os.PathLike) -> str:
     """The file name without extension, also when ``path`` is the hidden temporary name of an
-    :func:`~numba_recon.io.atomic_output` (``.NAME.1a2b3c4d.tmp``, possibly nested)."""
+    :func:`~numba_recon.io.atomic.atomic_output` (``.NAME.1a2b3c4d.tmp``, possibly nested)."""
     import re
 
     name = os.path.basename(os.fspath(path))

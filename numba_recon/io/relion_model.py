@@ -36,14 +36,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from numba_recon.io import atomic_output
+from numba_recon.io.atomic import atomic_output
+from numba_recon.io.star_text import format_number, loop_block, quote, record_block
 from numba_recon.provenance import comment_lines
 
-__all__ = ["MODEL_STAR_VERSION", "estimated_resolution", "overall_fourier_completeness", "solver_spectra",
+__all__ = ["MODEL_STAR_VERSION", "estimated_resolution", "overall_fourier_completeness",
            "write_model_star"]
 
 #: ``# version`` line of the file (RELION 3.1 / 4 / 5 read it).
@@ -103,66 +103,6 @@ def overall_fourier_completeness(ssnr: np.ndarray, completeness: np.ndarray) -> 
     return total / count if count else 0.0
 
 
-def solver_spectra(solver: dict[str, Any] | None, box_size: int) -> dict[str, np.ndarray] | None:
-    """The learned prior and the Fourier completeness of the default (``cg``) solver, per shell.
-
-    Parameters
-    ----------
-    solver
-        ``RunState.solver`` at the end of a run: ``inv_tau2`` ``(2, N // 2 + 1)`` (``1 / tau_h^2``
-        of each half set, 0 where no prior acts) and ``kernels`` (each half's CTF^2-weighted
-        sampling density), or None (``--optimizer adam``: no learned prior).
-    box_size
-        ``N``.
-
-    Returns
-    -------
-    dict or None
-        ``tau2``: ``(N // 2 + 1,)`` the mean of the two halves' ``tau_h^2`` (``inf`` where no
-        prior acts, e.g. the DC shell); ``fourier_completeness``: ``(N // 2 + 1,)`` the mean of the
-        halves' fraction of coefficients whose sampling density exceeds ``1 / tau_h^2``
-        (:func:`numba_recon.objective.fourier_completeness`). None without a learned prior.
-    """
-    if not solver or solver.get("inv_tau2") is None or solver.get("kernels") is None:
-        return None
-    from numba_recon.objective import fourier_completeness
-
-    inv = np.asarray(solver["inv_tau2"], np.float64)
-    with np.errstate(divide="ignore"):
-        tau2 = np.where(inv > 0, 1.0 / np.where(inv > 0, inv, 1.0), np.inf)
-    completeness = [fourier_completeness(np.asarray(solver["kernels"][h]), inv[h], box_size)
-                    for h in range(inv.shape[0])]
-    return {"tau2": tau2.mean(axis=0), "fourier_completeness": np.mean(completeness, axis=0)}
-
-
-def _number(value: Any) -> str:
-    if isinstance(value, (bool, np.bool_)):
-        return str(int(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return repr(float(value))  # shortest text that reads back to the same double
-
-
-def _text(value: str) -> str:
-    if value == "" or any(c.isspace() for c in value) or value[0] in "#_'\"":
-        return '"' + value.replace('"', "'") + '"'
-    return value
-
-
-def _key_value_block(name: str, pairs: list[tuple[str, str]]) -> str:
-    width = max(len(label) for label, _ in pairs) + 4
-    lines = [f"\n# version {MODEL_STAR_VERSION}\n", f"data_{name}\n"]
-    lines += [f"_{label:<{width}} {value}" for label, value in pairs]
-    return "\n".join(lines) + "\n\n"
-
-
-def _loop_block(name: str, columns: dict[str, list[str]]) -> str:
-    lines = [f"\n# version {MODEL_STAR_VERSION}\n", f"data_{name}\n", "loop_"]
-    lines += [f"_{label} #{i}" for i, label in enumerate(columns, start=1)]
-    lines += [" ".join(row) for row in zip(*columns.values())]
-    return "\n".join(lines) + "\n\n"
-
-
 def write_model_star(path: str | os.PathLike, fsc_curve: np.ndarray, box_size: int, pixel_size_angstrom: float,
                      resolution_angstrom: float, *, reference_image: str = "run_class001.mrc",
                      tau2: np.ndarray | None = None, fourier_completeness: np.ndarray | None = None) -> Path:
@@ -199,49 +139,50 @@ def write_model_star(path: str | os.PathLike, fsc_curve: np.ndarray, box_size: i
     general: list[tuple[str, str]] = [
         ("rlnReferenceDimensionality", "3"),
         ("rlnDataDimensionality", "2"),
-        ("rlnOriginalImageSize", _number(box)),
-        ("rlnCurrentResolution", _number(resolution_angstrom)),
-        ("rlnCurrentImageSize", _number(box)),
+        ("rlnOriginalImageSize", format_number(box)),
+        ("rlnCurrentResolution", format_number(resolution_angstrom)),
+        ("rlnCurrentImageSize", format_number(box)),
         ("rlnIsHelix", "0"),
-        ("rlnPixelSize", _number(angpix)),
+        ("rlnPixelSize", format_number(angpix)),
         ("rlnNrClasses", "1"),
         ("rlnNrBodies", "1"),
     ]
     if learned:
-        general.append(("rlnTau2FudgeFactor", _number(1.0)))
+        general.append(("rlnTau2FudgeFactor", format_number(1.0)))
     general.append(("rlnOrientationalPriorMode", "0"))
 
     classes: dict[str, list[str]] = {
-        "rlnReferenceImage": [_text(str(reference_image))],
-        "rlnClassDistribution": [_number(1.0)],
-        "rlnEstimatedResolution": [_number(estimated_resolution(ssnr, box, angpix))],
+        "rlnReferenceImage": [quote(str(reference_image))],
+        "rlnClassDistribution": [format_number(1.0)],
+        "rlnEstimatedResolution": [format_number(estimated_resolution(ssnr, box, angpix))],
     }
     if fourier_completeness is not None:
-        classes["rlnOverallFourierCompleteness"] = [_number(overall_fourier_completeness(ssnr, fourier_completeness))]
+        completeness = overall_fourier_completeness(ssnr, fourier_completeness)
+        classes["rlnOverallFourierCompleteness"] = [format_number(completeness)]
 
     with np.errstate(divide="ignore"):
         angstrom = np.where(shells > 0, box * angpix / np.maximum(shells, 1), 999.0)
     spectra: dict[str, list[str]] = {
         "rlnSpectralIndex": [str(int(i)) for i in shells.tolist()],
-        "rlnResolution": [_number(v) for v in (shells / (box * angpix)).tolist()],
-        "rlnAngstromResolution": [_number(v) for v in angstrom.tolist()],
-        "rlnSsnrMap": [_number(v) for v in ssnr.tolist()],
-        "rlnGoldStandardFsc": [_number(v) for v in fsc.tolist()],
+        "rlnResolution": [format_number(v) for v in (shells / (box * angpix)).tolist()],
+        "rlnAngstromResolution": [format_number(v) for v in angstrom.tolist()],
+        "rlnSsnrMap": [format_number(v) for v in ssnr.tolist()],
+        "rlnGoldStandardFsc": [format_number(v) for v in fsc.tolist()],
     }
     if fourier_completeness is not None:
         comp = np.asarray(fourier_completeness, np.float64).reshape(-1)
-        spectra["rlnFourierCompleteness"] = [_number(v) for v in comp[: fsc.size].tolist()]
+        spectra["rlnFourierCompleteness"] = [format_number(v) for v in comp[: fsc.size].tolist()]
     if learned:
         t2 = np.asarray(tau2, np.float64).reshape(-1)
-        spectra["rlnReferenceTau2"] = [_number(v) for v in t2[: fsc.size].tolist()]
+        spectra["rlnReferenceTau2"] = [format_number(v) for v in t2[: fsc.size].tolist()]
     lengths = {label: len(values) for label, values in spectra.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"per-shell spectra differ in length: {lengths}")
 
     text = ("\n".join(comment_lines(star=True)) + "\n"
-            + _key_value_block("model_general", general)
-            + _loop_block("model_classes", classes)
-            + _loop_block("model_class_1", spectra))
+            + record_block("model_general", general)
+            + loop_block("model_classes", classes)
+            + loop_block("model_class_1", spectra))
     path = Path(path)
     with atomic_output(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -32,7 +32,8 @@ from pandas.api import types as pdt
 
 from numba_recon.errors import InputError, InputFileError
 from numba_recon.geometry import euler_to_matrix, matrix_to_euler
-from numba_recon.io import atomic_output
+from numba_recon.io.atomic import atomic_output
+from numba_recon.io.star_text import loop_block, quote
 from numba_recon.io.mrc import factorize_paths, non_regular_kind, stack_shape
 from numba_recon.particles import CTF_KEYS, ParticleSet
 from numba_recon.provenance import comment_lines
@@ -976,22 +977,16 @@ def _format_column(label: str, values: pd.Series, encoding: str = "utf-8") -> li
         if label in _INTEGER_LABELS and np.isfinite(floats).all() and (floats == np.round(floats)).all():
             return [str(int(v)) for v in floats.tolist()]
         return [repr(v) for v in floats.tolist()]  # shortest text that reads back to the same float
-    out = []
-    for v in values.tolist():
-        text = "" if v is None or (isinstance(v, float) and math.isnan(v)) else _as_written(str(v), encoding)
-        if text == "" or any(c.isspace() for c in text) or text[0] in "#_'\"" or text.startswith(("data_", "loop_")):
-            text = '"' + text.replace('"', "'") + '"'
-        out.append(text)
-    return out
+    return [quote("" if v is None or (isinstance(v, float) and math.isnan(v)) else _as_written(str(v), encoding))
+            for v in values.tolist()]
 
 
 def _format_block(name: str, table: pd.DataFrame, encoding: str = "utf-8") -> str:
-    """One ``data_<name>`` loop; text values in ``encoding`` (see :func:`_as_written`)."""
-    lines = [f"\n# version {STAR_VERSION_WRITTEN}\n", f"data_{name}\n", "loop_"]
-    lines += [f"_{_as_written(str(label), encoding)} #{i}" for i, label in enumerate(table.columns, start=1)]
-    columns = [_format_column(label, table[label], encoding) for label in table.columns]
-    lines += [" ".join(row) for row in zip(*columns)]
-    return "\n".join(lines) + "\n\n"
+    """One ``data_<name>`` loop (:func:`numba_recon.io.star_text.loop_block`); text values in
+    ``encoding`` (see :func:`_as_written`)."""
+    columns = {_as_written(str(label), encoding): _format_column(label, table[label], encoding)
+               for label in table.columns}
+    return loop_block(name, columns, STAR_VERSION_WRITTEN)
 
 
 def write_star(particles: ParticleSet, path: str | os.PathLike, *,

@@ -42,7 +42,7 @@ import pandas as pd
 
 from numba_recon.errors import InputError, InputFileError, OutputError
 from numba_recon.geometry import matrix_to_euler, matrix_to_quaternion, quaternion_to_matrix
-from numba_recon.io import atomic_output
+from numba_recon.io.atomic import atomic_output
 from numba_recon.io.mrc import factorize_paths
 from numba_recon.io.names import keyed_half_sets
 from numba_recon.io.star import RowProblems, check_stacks, format_image_names, resolve_image_names

@@ -11,6 +11,7 @@ keeps working when the run folder is moved or copied.
 """
 
 from __future__ import annotations
+from numba_recon.io.run_files import CHIMERAX_CXC, MAP
 
 import logging
 import math
@@ -23,9 +24,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 #: File name of the script in the run folder.
-CXC_NAME = "run.cxc"
+CXC_NAME = CHIMERAX_CXC
 #: The map the script opens (the FSC-weighted, filtered average of the half maps).
-MAP_NAME = "run_class001.mrc"
+MAP_NAME = MAP
 #: Where a local-resolution map of the run is looked for, in this order, relative to the run
 #: folder (``numba-recon locres`` names its map ``locres.mrc``, in the folder given with ``-o``);
 #: after these, ``*/locres.mrc`` one folder down.
@@ -164,7 +165,7 @@ def write_chimerax_script(out_dir: str | os.PathLike, volume: np.ndarray | None 
     ``volume`` and ``angpix`` default to the map file and its header.
     """
     from numba_recon import __version__
-    from numba_recon.checkpoint import atomic_write_text
+    from numba_recon.io.atomic import atomic_write_text
     from numba_recon.io.mrc import read_volume
 
     out = Path(out_dir)
@@ -188,7 +189,7 @@ def write_chimerax_script(out_dir: str | os.PathLike, volume: np.ndarray | None 
     text = chimerax_script(level, enclosed_angstrom3=enclosed, resolution_angstrom=resolution_angstrom,
                            locres_name=locres_name, palette=palette, locres_range=rng, version=__version__)
     path = out / CXC_NAME
-    atomic_write_text(path, text)
+    atomic_write_text(path, text, durable=True)
     return path
 
 

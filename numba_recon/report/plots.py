@@ -21,12 +21,20 @@ The figures:
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from numba_recon.checks import finite_above
+from numba_recon.errors import InputFileError
+from numba_recon.evaluate.truth import TRUTH_THRESHOLD
+from numba_recon.io.atomic import atomic_write_text
+from numba_recon.io.run_files import DATA_STAR, FSC_CSV, HISTORY_CSV, MAP, PLOTS_DIR, SUMMARY_JSON
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +64,6 @@ _STYLE = {
     "axes.grid": False,
 }
 
-#: File name of the FSC of the map against the known truth, next to ``fsc.csv``.
-TRUTH_FSC_CSV = "fsc_truth.csv"
-#: File name the simulator gives the true map, next to its ``particles.star``.
-TRUTH_NAME = "truth.mrc"
-#: FSC threshold of a map against a noise-free reference (Rosenthal & Henderson 2003: 0.5, the
-#: equivalent of 0.143 between two half maps).
-TRUTH_THRESHOLD = 0.5
 
 
 @contextlib.contextmanager
@@ -138,7 +139,7 @@ def plot_fsc_curves(curve: np.ndarray, box: int, angpix: float, resolution: floa
         ax = fig.add_subplot(1, 1, 1)
         ax.axhline(0.143, color="0.4", linestyle="--", linewidth=0.9, label="FSC = 0.143")
         ax.plot(freq, curve, color="C0", linewidth=1.8, label="half map 1 vs half map 2 (gold standard)")
-        if resolution and np.isfinite(resolution) and resolution > 0:
+        if finite_above(resolution):
             ax.axvline(1.0 / resolution, color="C0", linestyle="-.", linewidth=1.0,
                        label=f"half maps: {resolution:.2f} {ANG} at 0.143")
         lowest = float(np.nanmin(curve))
@@ -146,7 +147,7 @@ def plot_fsc_curves(curve: np.ndarray, box: int, angpix: float, resolution: floa
             truth_curve = np.asarray(truth_curve, dtype=np.float64)
             ax.axhline(TRUTH_THRESHOLD, color="0.4", linestyle=":", linewidth=0.9, label="FSC = 0.5")
             ax.plot(freq, truth_curve, color="C3", linewidth=1.8, label="map vs truth")
-            if truth_resolution and np.isfinite(truth_resolution) and truth_resolution > 0:
+            if finite_above(truth_resolution):
                 ax.axvline(1.0 / truth_resolution, color="C3", linestyle=(0, (5, 2, 1, 2)), linewidth=1.0,
                            label=f"map vs truth: {truth_resolution:.2f} {ANG} at 0.5")
             lowest = min(lowest, float(np.nanmin(truth_curve)))
@@ -227,11 +228,11 @@ def density_weights(volume: np.ndarray, level: float | None = None) -> np.ndarra
     Solvent noise is symmetric around the solvent level, so plain ``volume`` weights would pull
     the centre of mass to the box centre whatever the particle does; counting only density above
     the contour level weighs the particle alone. ``level`` None: the suggested contour level
-    (:func:`numba_recon.chimerax.suggested_level`).
+    (:func:`numba_recon.report.chimerax.suggested_level`).
     """
     v = np.asarray(volume, dtype=np.float64)
     if level is None:
-        from numba_recon.chimerax import suggested_level
+        from numba_recon.report.chimerax import suggested_level
 
         level = suggested_level(v)
     return np.clip(v - float(level), 0.0, None)
@@ -473,138 +474,6 @@ def plot_scores(scores: np.ndarray, kept: np.ndarray | None, path: str | os.Path
         return _save(fig, Path(path))
 
 
-# ------------------------------------------------------------------------------------------------
-# The map against the truth (simulated data)
-# ------------------------------------------------------------------------------------------------
-
-def find_truth(particles: str | os.PathLike | None, box: int, angpix: float,
-               explicit: str | os.PathLike | None = None) -> Path | None:
-    """The true map of a simulated data set, when there is one that fits the reconstruction.
-
-    ``explicit`` (``--truth``) must exist and have the map's box and voxel size, else
-    :class:`~numba_recon.errors.InputFileError`. Otherwise ``truth.mrc`` next to the particles
-    file (where ``numba-recon simulate`` and ``demo`` write it) is used when it exists and fits; a
-    file that does not fit is passed over with a log message (it belongs to another data set).
-    """
-    from numba_recon.errors import InputFileError
-    from numba_recon.io.mrc import mrc_header
-
-    def fits(p: Path) -> str | None:
-        try:
-            h = mrc_header(str(p))
-        except InputFileError as err:
-            return f"is unreadable ({err.problem})"
-        if not (h.nx == h.ny == h.nz == int(box)):
-            return f"box {h.nx} x {h.ny} x {h.nz} differs from the map's {box}"
-        voxel = float(h.voxel_size_angstrom[0])
-        if voxel > 0 and abs(voxel - float(angpix)) > 1e-3 * float(angpix):
-            return f"voxel size {voxel:.4f} {ANG} differs from the map's {float(angpix):.4f} {ANG}"
-        return None
-
-    if explicit:
-        p = Path(explicit)
-        if not p.is_file():
-            raise InputFileError("truth map not found", p, "check the --truth path")
-        why = fits(p)
-        if why:
-            raise InputFileError(f"truth map {why}", p, "give the true map at the reconstruction's box and voxel size")
-        return p
-    if not particles:
-        return None
-    p = Path(particles).parent / TRUTH_NAME
-    if not p.is_file():
-        return None
-    why = fits(p)
-    if why:
-        log.info("not comparing with %s: %s", p, why)
-        return None
-    return p
-
-
-def truth_fsc(half1: np.ndarray, half2: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """FSC of the average of the unfiltered half maps against the true map.
-
-    The unfiltered average, not ``run_class001.mrc``: the filtered map is low-passed at the
-    half-map resolution, which would cut the curve there and hide what the data hold beyond.
-    This is the figure ``numba-recon demo`` prints.
-    """
-    from numba_recon.evaluate.fsc import fsc
-
-    avg = 0.5 * (np.asarray(half1, dtype=np.float64) + np.asarray(half2, dtype=np.float64))
-    return fsc(avg, np.asarray(truth, dtype=np.float64))
-
-
-def write_fsc_table(path: str | os.PathLike, curve: np.ndarray, box: int, angpix: float) -> Path:
-    """An FSC curve as ``fsc.csv`` has it: ``shell,resolution_inv_angstrom,resolution_angstrom,fsc``."""
-    from numba_recon.checkpoint import atomic_write_text
-
-    shells = np.arange(np.size(curve))
-    with np.errstate(divide="ignore"):
-        ang = np.where(shells > 0, box * angpix / np.maximum(shells, 1), np.inf)
-    atomic_write_text(Path(path), "shell,resolution_inv_angstrom,resolution_angstrom,fsc\n" + "".join(
-        f"{i},{i / (box * angpix):.6g},{a:.6g},{f:.6f}\n" for i, a, f in zip(shells, ang, np.asarray(curve))))
-    return Path(path)
-
-
-def read_fsc_table(path: str | os.PathLike) -> np.ndarray:
-    """The ``fsc`` column of an FSC table written by :func:`write_fsc_table` (or ``fsc.csv``)."""
-    import csv
-
-    with open(path, newline="") as fh:
-        return np.array([float(row["fsc"]) for row in csv.DictReader(fh)], dtype=np.float64)
-
-
-def compare_with_truth(out_dir: str | os.PathLike, truth_path: str | os.PathLike, box: int, angpix: float,
-                       half1: np.ndarray | None = None, half2: np.ndarray | None = None,
-                       ) -> tuple[dict[str, Any], np.ndarray]:
-    """FSC of the run's map against the true map: writes ``fsc_truth.csv``.
-
-    ``half1``, ``half2`` default to the run folder's unfiltered half maps. Returns the entry
-    ``summary.json`` keeps under ``"truth"`` and the curve.
-    """
-    from numba_recon.evaluate.fsc import resolution_at
-    from numba_recon.io.mrc import read_volume
-
-    out = Path(out_dir)
-    if half1 is None or half2 is None:
-        half1, _ = read_volume(out / "run_half1_class001_unfil.mrc")
-        half2, _ = read_volume(out / "run_half2_class001_unfil.mrc")
-    truth, _ = read_volume(truth_path)
-    curve = truth_fsc(half1, half2, truth)
-    write_fsc_table(out / TRUTH_FSC_CSV, curve, box, angpix)
-    entry = {
-        "map": str(truth_path),
-        "compared": "average of the unfiltered half maps",
-        "threshold": TRUTH_THRESHOLD,
-        "resolution_angstrom": float(resolution_at(curve, box, angpix, TRUTH_THRESHOLD)),
-        "fsc": TRUTH_FSC_CSV,
-    }
-    return entry, curve
-
-
-def truth_for_folder(out_dir: str | os.PathLike, summary: dict[str, Any], explicit: str | os.PathLike | None = None,
-                     ) -> tuple[dict[str, Any] | None, np.ndarray | None]:
-    """The comparison with the truth for ``numba-recon report``: computed afresh when the true map is
-    found (``explicit``, or ``truth.mrc`` beside the run's particles file), else the run's own
-    ``fsc_truth.csv`` and summary entry, else ``(None, None)``.
-    """
-    out = Path(out_dir)
-    box = int(summary["box_size"])
-    angpix = float(summary["pixel_size_angstrom"])
-    particles = summary.get("config", {}).get("particles")
-    path = find_truth(particles, box, angpix, explicit)
-    halves = [out / "run_half1_class001_unfil.mrc", out / "run_half2_class001_unfil.mrc"]
-    if path is not None and all(h.is_file() for h in halves):
-        return compare_with_truth(out, path, box, angpix)
-    entry = summary.get("truth")
-    table = out / TRUTH_FSC_CSV
-    if entry and table.is_file():
-        curve = read_fsc_table(table)
-        if curve.size == box // 2 + 1:
-            return entry, curve
-    return None, None
-
-
 def draw_figures(plots_dir: str | os.PathLike, *, box: int, angpix: float, fsc_curve: np.ndarray | None = None,
                  resolution: float = float("nan"), truth_curve: np.ndarray | None = None,
                  truth_resolution: float | None = None, history: Sequence[dict[str, Any]] | None = None,
@@ -633,3 +502,90 @@ def draw_figures(plots_dir: str | os.PathLike, *, box: int, angpix: float, fsc_c
     if scores is not None and np.size(scores):
         written.append(plot_scores(scores, kept, plots / "scores.png", loss))
     return written
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots from the files of a run folder (numba-recon report)
+# ------------------------------------------------------------------------------------------------
+
+def _read_csv_rows(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as fh:  # the header comment lines (version, command) start with "#"
+        rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
+    out = []
+    for row in rows:
+        parsed = {}
+        for key, value in row.items():
+            try:
+                parsed[key] = float(value)
+            except (TypeError, ValueError):
+                parsed[key] = float("nan")
+        out.append(parsed)
+    return out
+
+
+def make_plots(out_dir: str | os.PathLike, truth: str | os.PathLike | None = None) -> list[Path]:
+    """(Re)draw the plots of a finished run folder from its files.
+
+    Uses ``summary.json``, ``fsc.csv``, ``history.csv``, ``run_class001.mrc``, the angles of
+    ``run_data.star`` and the scores of ``run_data_scores.csv`` (kept and rejected particles apart
+    for a robust loss); a plot whose input is missing is skipped. With a true map (``truth``, or
+    ``truth.mrc`` beside the run's particles file) the FSC of the map against it is recomputed into
+    ``fsc_truth.csv`` and drawn with the half-map FSC, and ``summary.json`` records it, so the
+    page's table shows it.
+
+    Returns
+    -------
+    list of Path
+        The plots written.
+    """
+    from numba_recon.evaluate import truth as truth_maps
+
+    out = Path(out_dir)
+    summary = json.loads((out / SUMMARY_JSON).read_text())
+    box = int(summary["box_size"])
+    angpix = float(summary["pixel_size_angstrom"])
+    res = float(summary.get("resolution_angstrom", float("nan")))
+    curve = None
+    if (out / FSC_CSV).is_file():
+        curve = np.array([r["fsc"] for r in _read_csv_rows(out / FSC_CSV)])
+    truth_entry, truth_curve = truth_maps.truth_for_folder(out, summary, truth)
+    if truth_entry and truth_entry != summary.get("truth"):
+        summary["truth"] = truth_entry
+        summary.setdefault("outputs", {})["fsc_truth"] = truth_entry["fsc"]
+        atomic_write_text(out / SUMMARY_JSON, json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n",
+                          durable=True)
+    history = _read_csv_rows(out / HISTORY_CSV) if (out / HISTORY_CSV).is_file() else None
+    volume = None
+    if (out / MAP).is_file():
+        from numba_recon.io.mrc import read_volume
+
+        volume, _ = read_volume(out / MAP)
+    loss = str(summary.get("config", {}).get("loss", "l2"))
+    directions = scores = kept = None
+    if (out / DATA_STAR).is_file():
+        import starfile
+
+        tables = starfile.read(out / DATA_STAR, always_dict=True)
+        table = tables.get("particles", next(iter(tables.values())))
+        if "rlnAngleRot" in table and "rlnAngleTilt" in table:
+            directions = directions_from_angles(table["rlnAngleRot"].to_numpy(dtype=np.float64),
+                                                        table["rlnAngleTilt"].to_numpy(dtype=np.float64))
+        from numba_recon.io.star import read_particle_scores
+
+        # run_data_scores.csv beside it, or the score columns of a run_data.star from before that table
+        try:
+            found = read_particle_scores(out / DATA_STAR, table) if "rlnImageName" in table else None
+        except InputFileError as err:  # a score table that does not fit: draw the rest
+            log.warning("no score plot: %s", err)
+            found = None
+        if found is not None and "score" in found:
+            scores = found["score"].to_numpy(dtype=np.float64)
+            if loss != "l2" and "kept" in found:
+                kept = found["kept"].to_numpy() > 0
+    return draw_figures(
+        out / PLOTS_DIR, box=box, angpix=angpix, fsc_curve=curve, resolution=res, truth_curve=truth_curve,
+        truth_resolution=truth_entry["resolution_angstrom"] if truth_entry else None, history=history,
+        volume=volume, directions=directions, symmetry=summary.get("config", {}).get("symmetry"), scores=scores,
+        kept=kept, loss=loss)
+
+
