@@ -9,6 +9,7 @@ is, the CUDA kernels in the same order), and the arguments and CTF parameter lay
 from __future__ import annotations
 
 from numba_recon.checks import finite_above
+from numba_recon.particles import CTF_KEYS
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -112,18 +113,8 @@ def adam_apply(params: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarra
 # ------------------------------------------------------------------------------------------------
 # prepare_particles
 
-#: Column order of the ``(b, 9)`` float64 CTF parameter array; the keys of ``ParticleSet.ctf``.
-CTF_COLUMNS: tuple[str, ...] = (
-    "defocus_u_angstrom",
-    "defocus_v_angstrom",
-    "defocus_angle_deg",
-    "voltage_kv",
-    "cs_mm",
-    "amplitude_contrast",
-    "phase_shift_deg",
-    "bfactor_angstrom2",
-    "scale",
-)
+#: Column order of the ``(b, 9)`` float64 CTF parameter array: the keys of ``ParticleSet.ctf``.
+CTF_COLUMNS: tuple[str, ...] = CTF_KEYS
 
 
 def ctf_parameters(ctf: Mapping[str, Any], index: np.ndarray | None = None) -> np.ndarray:
