@@ -1449,6 +1449,10 @@ class Reconstruction:
         if int(parts.get("epoch", -1)) == epoch and int(parts.get("rank", self.comm.rank)) == self.comm.rank:
             import signal
 
+            if kind == "int":
+                # as a Ctrl-C at the terminal, also in a process started with SIGINT ignored (a
+                # background job of a non-interactive shell), where Python installs no handler
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGINT)
 
     def _checkpoint(self, st: RunState) -> None:
