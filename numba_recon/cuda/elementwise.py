@@ -15,6 +15,29 @@ from numba_recon.cuda._target import cuda
 REDUCE_THREADS = 128
 
 
+@cuda.jit(device=True, inline=True)
+def block_sum(a, tid, threads):
+    """Tree-sum ``a[:threads]`` (shared memory) into ``a[0]``; every thread of the block calls it."""
+    width = threads // 2
+    while width > 0:
+        if tid < width:
+            a[tid] += a[tid + width]
+        cuda.syncthreads()
+        width //= 2
+
+
+@cuda.jit(device=True, inline=True)
+def block_sum2(a, b, tid, threads):
+    """:func:`block_sum` of two shared arrays at once (one barrier per level for both)."""
+    width = threads // 2
+    while width > 0:
+        if tid < width:
+            a[tid] += a[tid + width]
+            b[tid] += b[tid + width]
+        cuda.syncthreads()
+        width //= 2
+
+
 @cuda.jit(cache=True)
 def _fill_kernel(flat, value):
     """``flat[:] = value`` over a 1-D array, grid-stride."""
@@ -52,13 +75,7 @@ def _residual_loss_kernel(q, s_res, data, data_norm2, loss_out, energy_out):
         partial[tid] = acc
         partial_e[tid] = acc_e
         cuda.syncthreads()
-        width = REDUCE_THREADS // 2
-        while width > 0:
-            if tid < width:
-                partial[tid] += partial[tid + width]
-                partial_e[tid] += partial_e[tid + width]
-            cuda.syncthreads()
-            width //= 2
+        block_sum2(partial, partial_e, tid, REDUCE_THREADS)
         if tid == 0:
             loss_out[b] = partial[0] + np.float64(data_norm2[b])
             energy_out[b] = partial_e[0]

@@ -48,6 +48,7 @@ import numpy as np
 
 from numba_recon.contract import check_prepare_arguments
 from numba_recon.cuda._target import cuda, is_device_array
+from numba_recon.cuda.elementwise import block_sum, block_sum2
 from numba_recon.cuda.fourier import MAX_BATCH_BLOCKS, _device_matrices, _stage
 from numba_recon.cuda.memory import scratch
 
@@ -86,13 +87,7 @@ def _background_kernel(images, mask, centred_out, noise_var_out):
         s1[tid] = acc
         cnt[tid] = count
         cuda.syncthreads()
-        width = PREP_THREADS // 2
-        while width > 0:
-            if tid < width:
-                s1[tid] += s1[tid + width]
-                cnt[tid] += cnt[tid + width]
-            cuda.syncthreads()
-            width //= 2
+        block_sum2(s1, cnt, tid, PREP_THREADS)
         total = cnt[0]
         # the host subtracts the mean rounded to float32, in float32
         mean32 = np.float32(s1[0] / total)
@@ -111,13 +106,7 @@ def _background_kernel(images, mask, centred_out, noise_var_out):
         s1[tid] = acc
         s2[tid] = acc2
         cuda.syncthreads()
-        width = PREP_THREADS // 2
-        while width > 0:
-            if tid < width:
-                s1[tid] += s1[tid + width]
-                s2[tid] += s2[tid + width]
-            cuda.syncthreads()
-            width //= 2
+        block_sum2(s1, s2, tid, PREP_THREADS)
         if tid == 0:
             # the centred mean is a float32 rounding of zero, so E[v^2] - E[v]^2 loses nothing in float64
             m = s1[0] / total
@@ -250,12 +239,7 @@ def _spectrum_kernel(spec, ctf_params, shifts_px, premultiplied, pixel_size_angs
             acc += (np.float64(fr) * np.float64(fr) + np.float64(fi) * np.float64(fi)) * ramp2
         part[tid] = acc
         cuda.syncthreads()
-        width = PREP_THREADS // 2
-        while width > 0:
-            if tid < width:
-                part[tid] += part[tid + width]
-            cuda.syncthreads()
-            width //= 2
+        block_sum(part, tid, PREP_THREADS)
         if tid == 0:
             data_norm2_out[b] = np.float32(part[0] * inv_n * inv_n)
         cuda.syncthreads()  # part[0] and consts are read before the next image overwrites them

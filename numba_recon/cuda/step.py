@@ -17,6 +17,7 @@ import numpy as np
 
 from numba_recon.cuda._checks import device_f32
 from numba_recon.cuda._target import cuda, is_device_array
+from numba_recon.cuda.elementwise import block_sum
 from numba_recon.cuda.memory import fill
 from numba_recon.contract import adam_coefficients
 
@@ -72,12 +73,7 @@ def _scale_square_kernel(g, p, apply_scale, scale, ridge, v, h, coef):
         acc += np.float64(gi) * np.float64(gi)
     partial[tid] = acc
     cuda.syncthreads()
-    width = _SQ_THREADS // 2
-    while width > 0:
-        if tid < width:
-            partial[tid] += partial[tid + width]
-        cuda.syncthreads()
-        width //= 2
+    block_sum(partial, tid, _SQ_THREADS)
     if tid == 0:
         cuda.atomic.add(v, h, np.float32(partial[0] * coef))
 

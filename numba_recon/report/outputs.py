@@ -27,7 +27,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +37,10 @@ from numba_recon.errors import InputError
 from numba_recon.io.run_files import (CHIMERAX_CXC, COMMAND_TXT, DATA_STAR, FSC_CSV, HALF1_MAP, HALF2_MAP, MAP,
     MODEL_STAR, REPORT_HTML, SCORES_CSV, SUMMARY_JSON)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from numba_recon.engine import Reconstruction, RunState
+# ``job`` below is the engine's finished ``Reconstruction`` and ``st`` its ``RunState``: read by
+# attribute only, so the report stage does not import the engine that calls it.
+Reconstruction = Any
+RunState = Any
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +105,14 @@ def solver_spectra(solver: dict[str, Any] | None, box_size: int) -> dict[str, np
     return {"tau2": tau2.mean(axis=0), "fourier_completeness": np.mean(completeness, axis=0)}
 
 
-def final_weights(job: "Reconstruction", scores: np.ndarray, st: "RunState") -> tuple[np.ndarray, np.ndarray]:
+def final_weights(job: Reconstruction, scores: np.ndarray, st: RunState) -> tuple[np.ndarray, np.ndarray]:
     """Per-particle weight and kept flag under the final robust settings, ranked within each half."""
     from numba_recon.loss import final_particle_weights
 
     return final_particle_weights(scores, st.halves, job.schedule)
 
 
-def _project_if_symmetric(job: "Reconstruction", volume: np.ndarray) -> np.ndarray:
+def _project_if_symmetric(job: Reconstruction, volume: np.ndarray) -> np.ndarray:
     """The exact projection onto the run's point group (``adam``) or the group average (``cg``);
     unchanged for C1."""
     if len(job.sym_ops) <= 1:
@@ -122,7 +124,7 @@ def _project_if_symmetric(job: "Reconstruction", volume: np.ndarray) -> np.ndarr
     return job.symmetric_space().project(volume)
 
 
-def _run_postprocess(job: "Reconstruction", half1: np.ndarray, half2: np.ndarray) -> dict[str, Any]:
+def _run_postprocess(job: Reconstruction, half1: np.ndarray, half2: np.ndarray) -> dict[str, Any]:
     """``numba-recon postprocess`` with the run's mask on the half maps, into ``OUT/postprocess``.
 
     A failure of the post-processing itself (for example half maps whose FSC never drops below
@@ -159,7 +161,7 @@ def _run_postprocess(job: "Reconstruction", half1: np.ndarray, half2: np.ndarray
     }
 
 
-def _compare_with_truth(job: "Reconstruction", half1: np.ndarray, half2: np.ndarray,
+def _compare_with_truth(job: Reconstruction, half1: np.ndarray, half2: np.ndarray,
                         ) -> tuple[dict[str, Any] | None, np.ndarray | None]:
     """FSC of the run's map against the true map when there is one (``truth.mrc`` beside the
     particles file, as ``numba-recon simulate`` writes it, or the configuration's ``truth``).
@@ -178,7 +180,7 @@ def _compare_with_truth(job: "Reconstruction", half1: np.ndarray, half2: np.ndar
         return None, None
 
 
-def write_run_outputs(job: "Reconstruction", st: "RunState", losses: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+def write_run_outputs(job: Reconstruction, st: RunState, losses: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     """Write every output of a finished run (rank 0 only). Returns the summary dictionary."""
     from numba_recon.evaluate.fsc import fsc, resolution_at, write_fsc_csv
     from numba_recon.io.mrc import write_volume
