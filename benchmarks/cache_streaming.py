@@ -127,7 +127,7 @@ def main() -> None:
 
 
 def run_all(args: argparse.Namespace, work: Path) -> None:
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     data = work / "data"
     t0 = time.perf_counter()

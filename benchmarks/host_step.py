@@ -56,7 +56,7 @@ def _cg_update_seconds(box: int, repeats: int) -> list[float]:
 def _prepare_seconds_per_image(box: int, repeats: int, n: int) -> list[float]:
     from numba_recon.batch import BatchLoader
     from numba_recon.read import read_particles
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "data"

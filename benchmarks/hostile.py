@@ -89,7 +89,7 @@ ERROR_PREFIX = "numba-recon: error:"
 
 
 def build_datasets(root: Path) -> dict[str, Path]:
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     paths = {}
     for kind, params in DATASETS.items():

@@ -34,7 +34,7 @@ def cpu_model() -> str:
 
 def half_maps(n: int, angpix: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from numba_recon.evaluate.mask import spherical_mask
-    from numba_recon.phantom import Blobs, render_volume
+    from numba_recon.sim.phantom import Blobs, render_volume
 
     rng = np.random.default_rng(seed)
     radius = 0.4 * n * angpix

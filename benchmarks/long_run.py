@@ -27,7 +27,7 @@ import numpy as np
 
 CHILD = r"""
 import gc, json, sys, time
-from numba_recon.engine import Reconstruction
+from numba_recon.recon.engine import Reconstruction
 rows = []
 def status():
     out = {}
@@ -85,7 +85,7 @@ def main() -> None:
 
 
 def run_all(args: argparse.Namespace, work: Path) -> None:
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     sim = work / "sim"
     if not (sim / "particles.star").exists():

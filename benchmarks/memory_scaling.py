@@ -84,7 +84,7 @@ def measure(args: list[str], env: dict[str, str] | None = None, timeout: float =
 
 def build_base(folder: Path, box: int, n_base: int) -> Path:
     """A small simulated data set whose images and poses are repeated to build the large ones."""
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     if not (folder / "particles.star").exists():
         simulate_dataset(folder, n_particles=n_base, box_size=box, pixel_size_angstrom=3.0, snr=0.5, seed=1,

@@ -109,9 +109,9 @@ JUNK_LOSSES = ("trimmed", "reweighted")
 def make_asymmetric_map(path: Path) -> None:
     """The built-in phantom without 3 of its 14 D7 copies (exact C1), rendered at 64 px, 2.0 A/px."""
     from numba_recon.io.mrc import write_volume
-    from numba_recon.phantom import (Blobs, fit_scales, proteasome_asymmetric_unit, proteasome_blobs,
+    from numba_recon.sim.phantom import (Blobs, fit_scales, proteasome_asymmetric_unit, proteasome_blobs,
                                      render_volume)
-    from numba_recon.symmetry import symmetry_operators
+    from numba_recon.symmetry.groups import symmetry_operators
 
     ops = symmetry_operators("D7")
     unit = proteasome_asymmetric_unit(0)
@@ -126,7 +126,7 @@ def make_asymmetric_map(path: Path) -> None:
 
 def simulate_case(name: str, root: Path, force: bool) -> Path:
     """Simulate case ``name`` into ``root/name/data`` (re-used while the parameters match)."""
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     spec = dict(COMMON)
     spec.update(CASES[name])

@@ -39,7 +39,7 @@ def main() -> None:
 
     from numba_recon.evaluate.fsc import fsc, resolution_at
     from numba_recon.io.mrc import read_volume
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     root = Path(args.out)
     data = root / "data"

@@ -42,7 +42,7 @@ def roc_auc(scores: np.ndarray, is_junk: np.ndarray) -> float:
 
 def reconstruct(star: Path, out: Path, loss: str, epochs: int, extra: dict) -> dict:
     from numba_recon.config import RunConfig
-    from numba_recon.engine import run
+    from numba_recon.recon.engine import run
 
     cfg = RunConfig(particles=str(star), out_dir=str(out), loss=loss, epochs=epochs, backend="cpu", **extra)
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from numba_recon.io.mrc import read_volume
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)

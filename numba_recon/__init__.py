@@ -8,7 +8,7 @@ The data flow, one module per stage::
 (``C P x``), ``loss.py`` (per-particle losses and robust weights), ``adjoint.py`` (``P^T C r``),
 ``reduce.py`` (MPI sums), ``step.py`` (conjugate gradients, Adam), ``checkpoint.py`` (HDF5 state),
 ``evaluate/`` (FSC, masks, post-processing) and ``report/`` (maps, tables, figures, the HTML page).
-``engine.py`` runs them in order; docs/architecture.md has the layers.
+``recon/engine.py`` runs them in order; docs/architecture.md has the folders and the layers.
 """
 
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ from typing import Any
 
 from numba_recon.checks import finite_above, finite_at_least
 from numba_recon.errors import InputError
-from numba_recon.symmetry_names import parse_symmetry_name
+from numba_recon.symmetry.names import parse_symmetry_name
 
 # This module is the data model: it depends on nothing above it (not the loss, symmetry operators
 # or engine), so the accepted names of the settings live here and those modules import them.

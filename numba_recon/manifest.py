@@ -18,7 +18,7 @@ checkpoint pruning needs when the engine is used without the command line.
 
 ``run`` keeps its manifest in ``OUT/.numba_recon_manifest.json``. ``simulate`` writes its data set
 in one step and keeps the same manifest inside ``simulation.json`` (key ``"manifest"``); see
-:mod:`numba_recon.simulate`.
+:mod:`numba_recon.sim.simulate`.
 """
 
 from __future__ import annotations

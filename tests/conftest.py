@@ -128,7 +128,7 @@ def sim_box24(tmp_path_factory) -> Path:
     """A simulated data set shared read-only by several modules: 300 particles, box 24, 4 A/px,
     SNR 0.5, seed 11, shifts up to 2 px, three stacks of 100. The folder ``simulate`` writes
     (``particles.star``, ``truth.mrc``, ``Particles/``)."""
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     folder = tmp_path_factory.mktemp("sim_box24") / "sim"
     simulate_dataset(folder, n_particles=300, box_size=24, pixel_size_angstrom=4.0, snr=0.5, seed=11,

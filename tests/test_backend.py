@@ -101,7 +101,7 @@ def test_simulator_is_the_cuda_backend():
 # --- bench ----------------------------------------------------------------------------------------
 
 def test_bench_case_reports_rates():
-    from numba_recon.bench import bench_case
+    from numba_recon.tools.bench import bench_case
 
     row = bench_case(get_backend("cpu"), box=16, batch=2, repeats=2)
     for name in ("project", "backproject", "loss_and_gradient"):
@@ -141,7 +141,7 @@ def test_bench_command_rejects_bad_options(runner, monkeypatch):
 
 
 def test_machine_info_names_the_cpu():
-    from numba_recon.bench import machine_info
+    from numba_recon.tools.bench import machine_info
 
     info = machine_info(["cpu"])
     assert info["cpu_model"] and info["numpy"] == np.__version__

@@ -32,7 +32,7 @@ ERROR_PREFIX = "numba-recon: error: "
 def inputs(tmp_path_factory) -> dict[str, Path]:
     from numba_recon.io.mrc import read_volume, write_volume
     from numba_recon.io.star import read_star, write_star
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     root = tmp_path_factory.mktemp("inputs")
     simulate_dataset(root / "sim", n_particles=40, box_size=16, pixel_size_angstrom=4.0, snr=1.0, seed=3,
@@ -205,7 +205,7 @@ def test_unknown_symmetry(runner, inputs, tmp_path, group):
 
 
 def test_symmetry_names_are_case_insensitive():
-    from numba_recon.symmetry import symmetry_operators
+    from numba_recon.symmetry.groups import symmetry_operators
 
     for a, b in (("c7", "C7"), ("d7", "D7"), ("i", "I"), ("o", "O")):
         np.testing.assert_array_equal(symmetry_operators(a), symmetry_operators(b))

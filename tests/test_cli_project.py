@@ -30,7 +30,7 @@ def sim(tmp_path_factory):
     """40 particles (box 32, 4 A/px, SNR 1), 10 of them pure-noise junk; the images as read by the
     reconstruction's reader."""
     from numba_recon.read import read_particles
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     d = tmp_path_factory.mktemp("project") / "data"
     simulate_dataset(d, n_particles=40, box_size=32, pixel_size_angstrom=4.0, snr=SNR, seed=5, max_shift_px=3.0,

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from numba_recon.config import RunConfig
-from numba_recon.engine import EpochStats, Reconstruction
+from numba_recon.recon.engine import EpochStats, Reconstruction
 from numba_recon.step import AdamState, adam_step
 
 BOX = 8
@@ -30,7 +30,7 @@ BATCH = 8
 
 
 def _simulate(path: Path, n: int, box: int, junk: float = 0.0) -> Path:
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     simulate_dataset(path, n_particles=n, box_size=box, pixel_size_angstrom=6.0, snr=0.5, defocus_min_um=1.0,
                      defocus_max_um=2.5, astigmatism_angstrom=200.0, voltage_kv=300.0, cs_mm=2.7,
@@ -120,7 +120,7 @@ from numba import cuda
 from numba.cuda.simulator.cudadrv import devicearray
 import numba_recon.cuda as nc
 from numba_recon.config import RunConfig
-from numba_recon.engine import Reconstruction
+from numba_recon.recon.engine import Reconstruction
 
 star, out, events_path, maps_path = sys.argv[1:5]
 events = []
@@ -285,7 +285,7 @@ def _host_step_epoch(self: Reconstruction, st: Any, epoch: int) -> EpochStats:
             for h in (0, 1):
                 g[h] = self._adam_preconditioner(g[h], h)
         if len(self.sym_ops) > 1:
-            from numba_recon.symmetry import symmetrize_volume
+            from numba_recon.symmetry.groups import symmetrize_volume
 
             for h in (0, 1):
                 if st.step == 0:

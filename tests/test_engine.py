@@ -16,7 +16,7 @@ from numba_recon.errors import InputError
 
 
 def _simulate(path: Path, n: int = 600, box: int = 24, angpix: float = 4.0, seed: int = 1, **kw) -> Path:
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     args = dict(n_particles=n, box_size=box, pixel_size_angstrom=angpix, snr=0.5, defocus_min_um=1.0,
                 defocus_max_um=2.5, astigmatism_angstrom=200.0, voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0.1,

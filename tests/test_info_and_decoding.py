@@ -306,7 +306,7 @@ def test_largest_index_an_mrc_stack_can_hold_is_checked_against_the_stack(tmp_pa
 def test_latin1_stack_name_runs_and_converts_both_ways(tmp_path, runner):
     """A stack whose name is not UTF-8: ``run`` reconstructs from it, ``convert`` writes it to a
     ``.thu`` file and back with the same bytes, and the ``.thu`` file runs too."""
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     sim = tmp_path / "sim"
     simulate_dataset(sim, n_particles=48, box_size=16, pixel_size_angstrom=4.0, snr=0.5, seed=3,

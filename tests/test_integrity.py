@@ -21,7 +21,7 @@ NYQUIST = 2 * ANGPIX
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     path = tmp_path_factory.mktemp("integrity") / "data"
     simulate_dataset(path, n_particles=1200, box_size=BOX, pixel_size_angstrom=ANGPIX, snr=0.05, max_shift_px=2.0,
@@ -212,7 +212,7 @@ def test_a_diverging_adam_run_stops_with_one_line(data, tmp_path, runner, lr):
     ("nan", "contains NaN or infinite pixels"),
 ])
 def test_degenerate_images_stop_adam_too(tmp_path, runner, kind, fragment):
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     path = tmp_path / "sim"
     simulate_dataset(path, n_particles=64, box_size=16, pixel_size_angstrom=4.0, snr=0.5, seed=2,
@@ -235,7 +235,7 @@ def test_degenerate_images_stop_adam_too(tmp_path, runner, kind, fragment):
 
 @pytest.mark.parametrize("box", [1, 2, 3, 6])
 def test_tiny_boxes_are_refused_before_any_work(tmp_path, runner, box):
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     path = tmp_path / "sim"
     simulate_dataset(path, n_particles=16, box_size=16, pixel_size_angstrom=4.0, snr=0.5, seed=2,

@@ -13,14 +13,15 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "numba_recon"
 
-#: Bottom to top. A module belongs to the first layer with a matching prefix (longest prefix wins).
+#: Bottom to top. A module belongs to the layer of its longest matching prefix; the bare package name
+#: matches only the package's own ``__init__``, so a new folder must be placed here to pass.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("numba_recon", "numba_recon.errors", "numba_recon.checks", "numba_recon.threads",
               "numba_recon.provenance", "numba_recon.manifest", "numba_recon.geometry", "numba_recon.ctf",
-              "numba_recon.io.files", "numba_recon.io.run_files", "numba_recon.io.names")),
+              "numba_recon.io.files", "numba_recon.io.run_files", "numba_recon.io.names", "numba_recon.sim")),
     ("file formats", ("numba_recon.io",)),
     ("data model", ("numba_recon.particles", "numba_recon.plausibility", "numba_recon.symmetry",
-                    "numba_recon.symmetry_names", "numba_recon.config", "numba_recon.phantom")),
+                    "numba_recon.config", "numba_recon.sim.phantom")),
     ("particle files", ("numba_recon.io.star", "numba_recon.io.thu", "numba_recon.read")),
     ("kernels", ("numba_recon.contract", "numba_recon.cpu", "numba_recon.cuda", "numba_recon.backend")),
     ("operator", ("numba_recon.forward", "numba_recon.adjoint", "numba_recon.batch")),
@@ -28,8 +29,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("parallel", ("numba_recon.reduce",)),
     ("stages after the step", ("numba_recon.checkpoint", "numba_recon.evaluate", "numba_recon.report",
                                "numba_recon.journal")),
-    ("engine", ("numba_recon.engine", "numba_recon.simulate")),
-    ("tools", ("numba_recon.bench", "numba_recon.cuda.device_check", "numba_recon.cuda.acceptance",
+    ("engine", ("numba_recon.recon", "numba_recon.sim.simulate")),
+    ("tools", ("numba_recon.tools", "numba_recon.cuda.device_check", "numba_recon.cuda.acceptance",
                "numba_recon.cuda.compile_check")),
     ("command line", ("numba_recon.cli", "numba_recon.__main__")),
 ]
@@ -85,7 +86,8 @@ def layer_of(module: str) -> int:
     best, level = -1, None
     for i, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+            covers = module == prefix or (prefix != "numba_recon" and module.startswith(prefix + "."))
+            if covers and len(prefix) > best:
                 best, level = len(prefix), i
     if level is None:
         raise AssertionError(f"{module} is in no layer: add it to LAYERS and to docs/architecture.md")
@@ -144,7 +146,7 @@ def test_no_import_cycles():
     assert not cycles, cycles
 
 
-@pytest.mark.parametrize("module,target", [("numba_recon.engine", "numba_recon.cli.run"),
-                                           ("numba_recon.io.star", "numba_recon.engine")])
+@pytest.mark.parametrize("module,target", [("numba_recon.recon.engine", "numba_recon.cli.run"),
+                                           ("numba_recon.io.star", "numba_recon.recon.engine")])
 def test_the_rule_catches_an_upward_import(module, target):
     assert layer_of(target) > layer_of(module)

@@ -31,7 +31,7 @@ from numba_recon.evaluate.locres import (LOCRES_FILES, local_resolution, samplin
                                          window_profile)
 from numba_recon.evaluate.mask import spherical_mask
 from numba_recon.io.mrc import read_volume, write_volume
-from numba_recon.phantom import Blobs, render_volume
+from numba_recon.sim.phantom import Blobs, render_volume
 
 BOX = 96
 ANGPIX = 2.0

@@ -277,7 +277,7 @@ def test_simulate_leftover_staging_of_a_killed_run_is_removed(tmp_path):
     ``--overwrite`` removes the files that manifest proves ours, and keeps a file of the user's."""
     from numba_recon import manifest
     from numba_recon.io.mrc import write_stack
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     out = tmp_path / "sim"
     simulate_dataset(out, n_particles=10, box_size=16)

@@ -134,7 +134,7 @@ def test_rooted_and_thu_fixtures_read_without_warnings(caplog):
     dict(box_size=24, pixel_size_angstrom=4.0, junk_fraction=0.3, max_shift_px=6.0),
 ], ids=["defaults", "demo", "junk-max-shift"])
 def test_simulated_data_read_without_warnings(caplog, tmp_path, params):
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     params = {"box_size": 24, **params}
     simulate_dataset(tmp_path / "sim", n_particles=40, particles_per_stack=16, seed=3, **params)
@@ -452,7 +452,7 @@ def test_zero_defocus_warns(tmp_path, caplog):
     import logging
 
     from numba_recon.read import read_particles
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     sim = tmp_path / "sim"
     simulate_dataset(sim, n_particles=16, box_size=16, pixel_size_angstrom=4.0, snr=0.5, seed=2, particles_per_stack=16)

@@ -44,7 +44,7 @@ def _fast_thread_switching():
 
 
 def _simulate(path: Path, n: int, box: int) -> Path:
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     simulate_dataset(path, n_particles=n, box_size=box, pixel_size_angstrom=3.0, snr=0.3, max_shift_px=2.5,
                      seed=11, particles_per_stack=n, overwrite=True)

@@ -25,7 +25,7 @@ N_PARTICLES = 160
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     path = tmp_path_factory.mktemp("prepare-on") / "data"
     simulate_dataset(path, n_particles=N_PARTICLES, box_size=BOX, pixel_size_angstrom=4.0, snr=0.3, max_shift_px=2.0,
@@ -111,7 +111,7 @@ def test_device_preparation_on_the_cpu_gives_the_host_maps_bitwise(data, tmp_pat
 
 
 def test_auto_prepares_on_the_host_for_the_cpu_backend(data, tmp_path):
-    from numba_recon.engine import Reconstruction
+    from numba_recon.recon.engine import Reconstruction
 
     job = Reconstruction(RunConfig(particles=str(data / "particles.star"), out_dir=str(tmp_path / "o"),
                                    backend="cpu"), progress=False)

@@ -51,7 +51,7 @@ def _resolves_from(project: Path, name: str) -> bool:
 def project(tmp_path_factory) -> Path:
     """A RELION project: stacks in Extract/job007/Movies, Refine3D/job010/run_data.star naming them
     relative to the project folder (as RELION writes them)."""
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     base = tmp_path_factory.mktemp("relion")
     sim = base / "sim"

@@ -42,7 +42,7 @@ def assert_one_line_error(result, *fragments):
 def data(tmp_path_factory) -> Path:
     """600 D7 particles (box 24, 4 A/px, SNR 0.05) and a soft mask made from the truth."""
     from numba_recon.evaluate.mask import auto_threshold, create_mask
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     d = tmp_path_factory.mktemp("report")
     simulate_dataset(d / "data", n_particles=600, box_size=BOX, pixel_size_angstrom=ANGPIX, snr=0.05, seed=1,
@@ -99,7 +99,7 @@ def test_run_with_mask_postprocesses_like_the_postprocess_command(run_dir, data,
     assert float(cli["rlnBfactorUsedForSharpening"]) == pytest.approx(pp["bfactor"], abs=1e-3)
     # the run's sharpened map is the command's one, averaged over the point group (the default
     # solver's final symmetrisation, docs/symmetry.md)
-    from numba_recon.symmetry import symmetrize_volume, symmetry_operators
+    from numba_recon.symmetry.groups import symmetrize_volume, symmetry_operators
 
     ours, _ = read_volume(run_dir / "postprocess" / "postprocess.mrc")
     theirs, _ = read_volume(data / "post_cli" / "postprocess.mrc")

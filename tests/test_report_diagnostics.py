@@ -32,7 +32,7 @@ def assert_one_line_error(result, *fragments):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """600 D7-phantom particles (box 24, 4 A/px, SNR 0.1) with truth.mrc beside particles.star."""
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     d = tmp_path_factory.mktemp("diagnostics")
     simulate_dataset(d / "data", n_particles=600, box_size=BOX, pixel_size_angstrom=ANGPIX, snr=0.1, seed=3,

@@ -114,7 +114,7 @@ def test_scores_are_normalised_by_model_energy():
 
 
 def _simulate(path: Path, junk_fraction: float, kind: str, n: int = 500, snr: float = 0.5) -> Path:
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     simulate_dataset(path, n_particles=n, box_size=24, pixel_size_angstrom=4.0, snr=snr, junk_fraction=junk_fraction,
                      junk_kinds=[kind], max_shift_px=1.0, seed=3, particles_per_stack=250, overwrite=True)
@@ -212,7 +212,7 @@ def test_robust_losses_do_not_depend_on_rank_count(noisy_set, tmp_path, loss, cl
 def test_robust_losses_on_the_cuda_backend_in_the_simulator(tmp_path, runner, loss, keep):
     from numba_recon.cli import main
 
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     simulate_dataset(tmp_path / "tiny10", n_particles=16, box_size=10, pixel_size_angstrom=6.0, snr=1.0,
                      junk_fraction=0.5, junk_kinds=["noise"], max_shift_px=1.0, seed=3, overwrite=True)

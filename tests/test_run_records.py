@@ -16,7 +16,7 @@ COMMON = ["--backend", "cpu", "--optimizer", "adam", "--batch-size", "64"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     path = tmp_path_factory.mktemp("records") / "data"
     simulate_dataset(path, n_particles=200, box_size=16, pixel_size_angstrom=4.0, snr=0.5, seed=4,

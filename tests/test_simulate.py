@@ -12,7 +12,7 @@ import pytest
 from numba_recon.ctf import ctf_images
 from numba_recon.errors import InputError, OutputError
 from numba_recon.geometry import euler_to_matrix, random_rotations
-from numba_recon.phantom import (
+from numba_recon.sim.phantom import (
     Blobs,
     FourierProjector,
     fit_scales,
@@ -23,8 +23,8 @@ from numba_recon.phantom import (
     random_blob_object,
     render_volume,
 )
-from numba_recon.simulate import apply_ctf_and_shift, clean_images, draw_plan, simulate_dataset
-from numba_recon.symmetry import symmetry_operators
+from numba_recon.sim.simulate import apply_ctf_and_shift, clean_images, draw_plan, simulate_dataset
+from numba_recon.symmetry.groups import symmetry_operators
 
 # --- phantom --------------------------------------------------------------------------------
 

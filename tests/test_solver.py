@@ -17,7 +17,7 @@ ANGPIX = 3.0
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     path = tmp_path_factory.mktemp("solver") / "data"
     simulate_dataset(path, n_particles=1200, box_size=BOX, pixel_size_angstrom=ANGPIX, snr=0.05, max_shift_px=2.0,
@@ -151,7 +151,7 @@ def test_row_order_and_format_do_not_change_the_maps(data, tmp_path, runner):
 @pytest.mark.slow
 def test_robust_losses_run_their_passes(tmp_path, runner):
     """A robust loss is active for at least two passes before the run may stop, and drops junk."""
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     path = tmp_path / "junk"
     simulate_dataset(path, n_particles=800, box_size=24, pixel_size_angstrom=4.0, snr=0.2, max_shift_px=2.0,
@@ -183,7 +183,7 @@ def test_initial_map_is_not_used_by_cg_and_says_so(data, tmp_path, caplog):
     import logging
 
     from numba_recon.config import RunConfig
-    from numba_recon.engine import run
+    from numba_recon.recon.engine import run
 
     noise = tmp_path / "noise.mrc"
     from numba_recon.io.mrc import write_volume
@@ -271,7 +271,7 @@ def test_degenerate_images_stop_with_one_line(tmp_path, runner, kind, fragment):
     run with one line and exit status 2, and no maps."""
     import mrcfile
 
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     path = tmp_path / "sim"
     simulate_dataset(path, n_particles=64, box_size=16, pixel_size_angstrom=4.0, snr=0.5, seed=2,

@@ -6,14 +6,9 @@ import numpy as np
 import pytest
 
 from numba_recon.errors import InputError
-from numba_recon.phantom import Blobs, proteasome_blobs, render_volume
-from numba_recon.symmetry import (
-    axis_angle_matrix,
-    symmetrize_volume,
-    symmetry_generators,
-    symmetry_operators,
-    symmetry_order,
-)
+from numba_recon.sim.phantom import Blobs, proteasome_blobs, render_volume
+from numba_recon.symmetry.groups import (axis_angle_matrix, symmetrize_volume, symmetry_generators, symmetry_operators,
+                                         symmetry_order)
 
 ORDERS = {"C1": 1, "C2": 2, "C7": 7, "D1": 2, "D2": 4, "D7": 14, "T": 12, "O": 24,
           "I": 60, "I1": 60, "I2": 60, "I3": 60, "I4": 60}

@@ -14,14 +14,8 @@ import pytest
 
 from numba_recon.cli import main
 from numba_recon.io.mrc import read_volume
-from numba_recon.symmetry import (
-    SymmetricSubspace,
-    interpolation_invariance_errors,
-    project_to_group,
-    symmetric_subspace,
-    symmetrize_volume,
-    symmetry_operators,
-)
+from numba_recon.symmetry.subspace import SymmetricSubspace, project_to_group, symmetric_subspace
+from numba_recon.symmetry.groups import interpolation_invariance_errors, symmetrize_volume, symmetry_operators
 
 BOX = 32
 ANGPIX = 3.0
@@ -78,7 +72,7 @@ def test_basis_functions_are_invariant_off_the_grid(d7_space, rng):
 def test_projection_keeps_a_symmetric_object(d7_space):
     # the D7 phantom, sampled on the grid, is almost unchanged (as much as by trilinear averaging)
     from numba_recon.evaluate.filters import lowpass
-    from numba_recon.phantom import fit_to_box, proteasome_blobs, render_volume
+    from numba_recon.sim.phantom import fit_to_box, proteasome_blobs, render_volume
 
     truth = render_volume(fit_to_box(proteasome_blobs(0), BOX, ANGPIX), BOX, ANGPIX)
     truth = lowpass(truth, 3.0 * ANGPIX, ANGPIX)
@@ -113,7 +107,7 @@ def test_c1_projection_is_the_identity(rng):
 @pytest.fixture(scope="module")
 def d7_data(tmp_path_factory) -> Path:
     """1500 particles of the D7 phantom, box 32, 3 A/px, SNR 0.005 (symmetry matters at this noise)."""
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     path = tmp_path_factory.mktemp("d7") / "data"
     simulate_dataset(path, n_particles=1500, box_size=BOX, pixel_size_angstrom=ANGPIX, snr=0.005, max_shift_px=2.0,
@@ -178,7 +172,7 @@ def test_adam_d7_maps_are_exactly_invariant_under_the_14_operators(runs):
 def test_cg_d7_maps_are_group_averages(runs):
     """The default solver writes group averages: they change under the 14 operators no more than the
     exact phantom sampled on the grid does (trilinear resampling), and far less than the C1 map."""
-    from numba_recon.phantom import fit_to_box, proteasome_blobs, render_volume
+    from numba_recon.sim.phantom import fit_to_box, proteasome_blobs, render_volume
 
     ops = symmetry_operators("D7")
     phantom = render_volume(fit_to_box(proteasome_blobs(0), BOX, ANGPIX), BOX, ANGPIX)

@@ -63,7 +63,7 @@ def bench(backend_name: str, boxes: list[int], batches: list[int], repeats: int,
     Example:
       numba-recon bench --backend cpu --box 128 --batch 32 --repeats 5 --json bench.json
     """
-    from numba_recon import bench as b
+    from numba_recon.tools import bench as b
 
     if json_path is not None:
         check_output_file(json_path, overwrite)

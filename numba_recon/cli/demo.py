@@ -39,10 +39,10 @@ from numba_recon.io.run_files import HALF1_MAP, HALF2_MAP, SUCCESS_MARKER
 def demo(ctx: click.Context, out_dir: str, n_particles: int, box_size: int, angpix: float, epochs: int | None,
          symmetry: str, backend: str, seed: int, overwrite: bool) -> None:
     from numba_recon.config import RunConfig
-    from numba_recon.engine import run as run_engine
+    from numba_recon.recon.engine import run as run_engine
     from numba_recon.evaluate.fsc import fsc, resolution_at
     from numba_recon.io.mrc import read_volume
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     out = prepare_output_dir(out_dir, overwrite)
     data_dir = out / "data"

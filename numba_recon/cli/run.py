@@ -180,7 +180,7 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
             raise InputError("file not found", particles, "check the path")
         _refuse_inputs_among_outputs(config, Path(out_dir))
     verbosity = (ctx.find_root().obj or {}).get("verbosity", 0)
-    from numba_recon.engine import Reconstruction
+    from numba_recon.recon.engine import Reconstruction
 
     # reading and checking every input comes first: invalid input leaves no (empty) -o folder behind
     job = Reconstruction(config, comm=comm, progress=verbosity >= 0, resume=resume)

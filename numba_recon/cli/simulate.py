@@ -68,7 +68,7 @@ def simulate(out_dir: str, n_particles: int, box_size: int | None, angpix: float
              defocus_min: float, defocus_max: float, astigmatism: float, voltage: float, cs: float,
              amplitude_contrast: float, max_shift: float, junk_fraction: float, junk_kinds: tuple[str, ...],
              volume_path: str | None, seed: int, particles_per_stack: int, overwrite: bool) -> None:
-    from numba_recon.simulate import simulate_dataset
+    from numba_recon.sim.simulate import simulate_dataset
 
     s = simulate_dataset(
         out_dir, n_particles=n_particles, box_size=box_size, pixel_size_angstrom=angpix, snr=snr,

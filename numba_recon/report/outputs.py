@@ -118,7 +118,7 @@ def _project_if_symmetric(job: Reconstruction, volume: np.ndarray) -> np.ndarray
     if len(job.sym_ops) <= 1:
         return volume
     if job.config.optimizer == "cg":
-        from numba_recon.symmetry import symmetrize_volume
+        from numba_recon.symmetry.groups import symmetrize_volume
 
         return symmetrize_volume(volume, job.sym_ops)
     return job.symmetric_space().project(volume)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from numba_recon.symmetry import symmetry_operators
+from numba_recon.symmetry.groups import symmetry_operators
 
 #: Rendered Gaussians are cut at this many sigmas; the neglected tail is below float32 precision.
 RENDER_TRUNCATE_SIGMAS = 6.0

@@ -33,7 +33,7 @@ from numba_recon import __version__, manifest
 from numba_recon.ctf import ctf_images
 from numba_recon.errors import InputError, OutputError
 from numba_recon.geometry import euler_to_matrix, matrix_to_euler, random_rotations
-from numba_recon.phantom import (
+from numba_recon.sim.phantom import (
     Blobs,
     FourierProjector,
     fit_scales,

@@ -328,7 +328,7 @@ class Reconstruction:
         self.schedule = RobustSchedule(loss=config.loss, keep_start=config.keep_start, keep_end=config.keep_end,
                                        warmup_epochs=config.robust_warmup, power=config.reweight_power,
                                        epochs=config.epochs)
-        from numba_recon.symmetry import symmetry_operators
+        from numba_recon.symmetry.groups import symmetry_operators
 
         self.sym_ops = symmetry_operators(config.symmetry)
         self.state = self._restore() if resume else None
@@ -563,7 +563,7 @@ class Reconstruction:
     def symmetric_space(self) -> Any:
         """The maps of the run's point group inside its support (built once; adam's final projection
         and the report's symmetric filtered maps use it): :func:`numba_recon.symmetry.symmetric_subspace`."""
-        from numba_recon.symmetry import symmetric_subspace
+        from numba_recon.symmetry.subspace import symmetric_subspace
 
         return symmetric_subspace(self.box, self.config.symmetry, min(self.radius, self.max_radius_px))
 
@@ -718,7 +718,7 @@ class Reconstruction:
         :attr:`_device_step`) are averaged as well; otherwise their asymmetric part would never leave.
         """
         if len(self.sym_ops) > 1:
-            from numba_recon.symmetry import symmetrize_volume
+            from numba_recon.symmetry.groups import symmetrize_volume
 
             st = self.state
             if st is not None and st.step == 0:
@@ -735,14 +735,14 @@ class Reconstruction:
         """Make the written half maps symmetric; nothing to do for C1.
 
         ``adam``: each half map is projected exactly onto the maps with the point group's symmetry
-        (``symmetry.SymmetricSubspace``). ``cg``: the group average (the operation applied to every
+        (``symmetry.subspace.SymmetricSubspace``). ``cg``: the group average (the operation applied to every
         pass's residual). The exact projection is not used there: it moves some low-resolution
         signal into high-resolution shells identically in both halves (the basis functions'
         own spectrum), and on maps whose noise the learned prior has removed from those shells
         that shared content would raise the half-map FSC above what the data support.
         """
         if len(self.sym_ops) > 1 and self.config.optimizer == "cg":
-            from numba_recon.symmetry import symmetrize_volume
+            from numba_recon.symmetry.groups import symmetrize_volume
 
             t0 = time.perf_counter()
             for h in (0, 1):
@@ -1177,7 +1177,7 @@ class Reconstruction:
         ``fourier``, kernels on the full DFT grid, which are averaged about their DC term)."""
         if len(self.sym_ops) <= 1:
             return volumes
-        from numba_recon.symmetry import symmetrize_volume
+        from numba_recon.symmetry.groups import symmetrize_volume
 
         out = np.empty_like(volumes)
         for h in range(volumes.shape[0]):

@@ -1,6 +1,6 @@
 """Point-group names: parsing only, no operators.
 
-Kept apart from :mod:`numba_recon.symmetry` (numpy, Numba kernels) so that the run configuration
+Kept apart from :mod:`numba_recon.symmetry.groups` (numpy, Numba kernels) so that the run configuration
 can check a ``--sym`` value without loading the operator machinery.
 """
 

@@ -1,0 +1,1 @@
+"""Tools around the reconstruction: the kernel benchmark behind ``numba-recon bench``."""
