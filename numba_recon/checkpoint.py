@@ -31,11 +31,10 @@ import numpy as np
 from numba_recon import manifest
 from numba_recon.errors import InputFileError
 from numba_recon.io.atomic import atomic_output, atomic_write_text
+from numba_recon.io.run_files import CHECKPOINTS_DIR, LATEST_CHECKPOINT_JSON as LATEST
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest.json"
 FORMAT_VERSION = 1
 
 
@@ -95,7 +94,7 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
 
     Keeps the newest ``keep`` checkpoints and removes older ones. Returns the checkpoint's path.
     """
-    folder = Path(out_dir) / CHECKPOINT_DIR
+    folder = Path(out_dir) / CHECKPOINTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(ckpt.epoch)
     final = folder / name
@@ -139,7 +138,7 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
 def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> None:
     """After a finished run: keep the newest ``keep`` of the run's own checkpoints in
     ``out_dir/checkpoints`` (``--keep-checkpoints``)."""
-    folder = Path(out_dir) / "checkpoints"
+    folder = Path(out_dir) / CHECKPOINTS_DIR
     if folder.is_dir():
         _prune(folder, keep)
 
@@ -203,7 +202,7 @@ def load_latest(out_dir: Path) -> Checkpoint | None:
     Tries the file named in ``latest.json`` first, then every ``ckpt_e*.h5`` from newest to oldest,
     warning about each damaged one it skips.
     """
-    folder = Path(out_dir) / CHECKPOINT_DIR
+    folder = Path(out_dir) / CHECKPOINTS_DIR
     if not folder.is_dir():
         return None
     candidates = sorted(folder.glob("ckpt_e*.h5"), reverse=True)

@@ -89,6 +89,10 @@ class _Column:
     def file_values(self) -> np.ndarray:
         return self.values * self.factor
 
+    def outside(self, lo: float, hi: float) -> np.ndarray:
+        """Boolean mask of the values below ``lo`` or above ``hi`` (numba-recon's unit; NaN is not outside)."""
+        return (self.values < lo) | (self.values > hi)
+
     def span(self, lo: float, hi: float) -> str:
         """``lo to hi unit`` in the file's unit, with numba-recon's unit in parentheses when they differ."""
         text = f"{_g(lo * self.factor)} to {_g(hi * self.factor)} {self.unit}".rstrip()
@@ -294,8 +298,7 @@ def drop_impossible(particles: ParticleSet, path: str | os.PathLike | None) -> P
 
 def _outside(col: _Column, lo: float, hi: float, n: int, why: str) -> str | None:
     """``label: k of n particles outside lo to hi unit (found ...)`` plus ``why``, or None."""
-    values = col.values
-    mask = (values < lo) | (values > hi)
+    mask = col.outside(lo, hi)
     if not mask.any():
         return None
     return (f"{col.label}: {int(mask.sum())} of {n} particles outside the plausible range {col.span(lo, hi)} "
@@ -341,7 +344,7 @@ def _warnings(particles: ParticleSet, cols: dict[str, _Column]) -> list[str]:
 
     v = cols["voltage"]
     lo, hi = VOLTAGE_RANGE_KV
-    mask = (v.values < lo) | (v.values > hi)
+    mask = v.outside(lo, hi)
     if mask.any():
         if thu:
             why = "THUNDER's VOLTAGE is in volts (300 kV is 300000 V)"
@@ -354,7 +357,7 @@ def _warnings(particles: ParticleSet, cols: dict[str, _Column]) -> list[str]:
 
     c = cols["cs"]
     lo, hi = CS_RANGE_MM
-    mask = (c.values < lo) | (c.values > hi)
+    mask = c.outside(lo, hi)
     if mask.any():
         if thu:
             why = "THUNDER's CS is in Angstrom (2.7 mm is 27000000 A)"
@@ -377,7 +380,7 @@ def _warnings(particles: ParticleSet, cols: dict[str, _Column]) -> list[str]:
         if key not in cols:
             continue
         d = cols[key]
-        mask = (d.values < lo) | (d.values > hi)
+        mask = d.outside(lo, hi)
         if mask.any():
             reasons = []
             if np.any(d.values < lo):

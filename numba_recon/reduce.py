@@ -24,9 +24,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_NTASKS",
-                  "HYDRA_CONTROL_FD", "PMI_RANK")
-
 
 def _launched_by_mpi() -> bool:
     for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MPI_LOCALNRANKS"):

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from numba_recon.config import RunConfig
-from numba_recon.recon.engine import EpochStats, Reconstruction
+from numba_recon.recon.engine import Reconstruction
+from numba_recon.recon.state import EpochStats
 from numba_recon.step import AdamState, adam_step
 
 BOX = 8

@@ -15,6 +15,7 @@ import click
 
 from numba_recon.config import MAX_SEED
 from numba_recon.errors import BackendUnavailableError, InputError, InputFileError, OutputError
+from numba_recon.io.files import make_output_folder, refuse_output_folder
 
 if TYPE_CHECKING:
     import numpy as np
@@ -75,18 +76,8 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     ``--overwrite``.
     """
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise OutputError("output folder is an existing file", out, "choose another -o path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError("output folder exists and is not empty", out,
-                          "pass --overwrite to replace its results, or choose another -o")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create output folder ({err.strerror})", out,
-                          "choose a writable location") from None
-    if not os.access(out, os.W_OK):
-        raise OutputError("output folder is not writable", out, "choose a writable location")
+    refuse_output_folder(out, overwrite)
+    make_output_folder(out)
     return out
 
 

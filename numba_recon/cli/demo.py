@@ -19,7 +19,7 @@ import click
 
 from numba_recon.backend import CHOICES as BACKENDS
 from numba_recon.cli._common import PIXEL_SIZE, POSITIVE_INT, SEED, handle_errors, prepare_output_dir
-from numba_recon.io.run_files import HALF1_MAP, HALF2_MAP, SUCCESS_MARKER
+from numba_recon.io.run_files import HALF1_MAP, HALF2_MAP, MAP, SUCCESS_MARKER
 
 
 @click.command("demo", help=__doc__)
@@ -70,5 +70,5 @@ def demo(ctx: click.Context, out_dir: str, n_particles: int, box_size: int, angp
     (recon_dir / SUCCESS_MARKER).touch()
     click.echo(f"Half-map resolution (FSC 0.143): {summary['resolution_angstrom']:.2f} A")
     click.echo(f"Map vs ground truth (FSC 0.5):   {res_truth:.2f} A")
-    click.echo(f"Maps:   {Path(recon_dir) / 'run_class001.mrc'} (and the half maps beside it)")
+    click.echo(f"Maps:   {Path(recon_dir) / MAP} (and the half maps beside it)")
     click.echo(f"Report: {Path(recon_dir) / 'report.html'}")

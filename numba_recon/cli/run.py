@@ -23,7 +23,8 @@ from numba_recon.cli._common import (FRACTION, NONNEGATIVE_FLOAT, NONNEGATIVE_IN
                                      handle_errors, option_name, prepare_output_dir)
 from numba_recon.config import OPTIMIZERS, PREPARE_ON
 from numba_recon.errors import InputError, OutputError
-from numba_recon.io.run_files import (COMMAND_TXT, RUN_OUTPUT_FILES, SUCCESS_MARKER)
+from numba_recon.io.run_files import (COMMAND_TXT, HALF1_MAP, HALF2_MAP, MAP, REPORT_HTML, RUN_OUTPUT_FILES,
+                                      RUN_OUTPUT_FOLDERS, SUCCESS_MARKER)
 from numba_recon.loss import LOSS_NAMES
 
 log = logging.getLogger(__name__)
@@ -212,14 +213,10 @@ def run(ctx: click.Context, particles: str | None, out_dir: str | None, resume_d
         if masked.get("resolution_angstrom") is not None:
             click.echo(f"Resolution (masked, phase-randomisation corrected, FSC 0.143): "
                        f"{masked['resolution_angstrom']:.2f} A  (mask {masked.get('mask') or config.mask})")
-        click.echo(f"Maps: {out / 'run_class001.mrc'}, {out / 'run_half1_class001_unfil.mrc'}, "
-                   f"{out / 'run_half2_class001_unfil.mrc'}")
-        click.echo(f"Report: {out / 'report.html'}")
+        click.echo(f"Maps: {out / MAP}, {out / HALF1_MAP}, {out / HALF2_MAP}")
+        click.echo(f"Report: {out / REPORT_HTML}")
 
 
-#: Files a run writes directly in its folder, and folders it writes into (``--overwrite`` removes only
-#: what the output manifest lists as written by the previous run: docs/outputs-and-overwrite.md).
-RUN_OUTPUT_FOLDERS = ("checkpoints", "plots", "postprocess")
 
 
 def _start_records(out: Path, resume: bool, verbosity: int):
@@ -285,11 +282,13 @@ def run_output_names(config) -> tuple[str, ...]:
     """The names a run with ``config`` may write (relative to its folder): with --overwrite, a file of
     another with one of these names is refused, never replaced."""
     from numba_recon.checkpoint import checkpoint_name
-    from numba_recon.io.run_files import PLOT_FILES, POSTPROCESS_DIR
+    from numba_recon.io.run_files import (CHECKPOINTS_DIR, LATEST_CHECKPOINT_JSON, PLOT_FILES, PLOTS_DIR,
+                                          POSTPROCESS_DIR)
 
-    names = [*RUN_OUTPUT_FILES, "checkpoints/latest.json", *(f"plots/{name}" for name in PLOT_FILES)]
+    names = [*RUN_OUTPUT_FILES, f"{CHECKPOINTS_DIR}/{LATEST_CHECKPOINT_JSON}",
+             *(f"{PLOTS_DIR}/{name}" for name in PLOT_FILES)]
     epochs = getattr(config, "epochs", None) or 0
-    names += [f"checkpoints/{checkpoint_name(e)}" for e in range(1, epochs + 1)]
+    names += [f"{CHECKPOINTS_DIR}/{checkpoint_name(e)}" for e in range(1, epochs + 1)]
     if getattr(config, "mask", None):
         names.append(f"{POSTPROCESS_DIR}/postprocess*")
     return tuple(names)

@@ -28,6 +28,7 @@ import numpy as np
 
 from numba_recon.cli._common import FINITE_FLOAT, FRACTION, PIXEL_SIZE, check_output_file, handle_errors
 from numba_recon.errors import InputError, InputFileError
+from numba_recon.io.run_files import SUMMARY_JSON
 
 SCORE = "rlnNumbaReconScore"
 
@@ -36,7 +37,7 @@ def run_image_root(run_data: str | os.PathLike) -> str | None:
     """The folder the image names of a run's ``run_data.star`` are relative to, as the run recorded
     it (``summary.json`` beside it, key ``image_name_root``); None when there is no such record (a
     file from an older version, or not from a run: its names are relative to its own folder)."""
-    summary = Path(run_data).with_name("summary.json")
+    summary = Path(run_data).with_name(SUMMARY_JSON)
     try:
         root = json.loads(summary.read_text()).get("image_name_root")
     except (OSError, ValueError, AttributeError):

@@ -60,6 +60,7 @@ import numpy as np
 import numba_recon
 from numba_recon.cuda import device_check
 from numba_recon.cuda._target import SIMULATOR
+from numba_recon.io.run_files import HALF1_MAP, HALF2_MAP, MAP, SUMMARY_JSON
 
 #: Step names, in the order they run.
 STEPS: tuple[str, ...] = ("preamble", "parity", "repeatability", "timing", "end_to_end", "mpi_shared_gpu")
@@ -227,7 +228,7 @@ def _read_map(path: Path) -> np.ndarray:
         return np.asarray(mrc.data, dtype=np.float32).copy()
 
 
-MAPS = ("run_class001.mrc", "run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc")
+MAPS = (MAP, HALF1_MAP, HALF2_MAP)
 
 
 def _compare_maps(a: Path, b: Path) -> dict[str, Any]:
@@ -254,9 +255,22 @@ def _compare_maps(a: Path, b: Path) -> dict[str, Any]:
     return out
 
 
+def _require_agreement(maps: dict[str, Any], figures: dict[str, Any], pair: str) -> None:
+    """Record the lowest FSC of :func:`_compare_maps`'s ``maps`` as ``figures["fsc_min"]``; raise
+    :class:`Fail` when any map's FSC is missing or falls to :data:`FSC_MIN` or below.
+
+    ``pair`` names the two runs in the message, e.g. ``"CUDA and CPU"``.
+    """
+    figures["fsc_min"] = min((m["fsc_min"] for m in maps.values() if m["fsc_min"] is not None), default=None)
+    bad = [name for name, m in maps.items() if m["fsc_min"] is None or m["fsc_min"] <= FSC_MIN]
+    if bad:
+        raise Fail(f"FSC between the {pair} maps falls to {figures['fsc_min']} (needs > {FSC_MIN}) "
+                   f"in {', '.join(bad)}")
+
+
 def _run_figures(run_dir: Path, wall_s: float) -> dict[str, Any]:
     """images/s and stage times of one finished run, from its ``summary.json``."""
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY_JSON).read_text())
     timings = summary.get("timings_s") or {}
     passes = (summary.get("solver") or {}).get("passes") or summary.get("epochs")
     particles = summary.get("particles")
@@ -477,11 +491,7 @@ class Acceptance:
             figures["speedup_cuda_over_cpu"] = _sig(runs["cuda"]["images_per_s"] / runs["cpu"]["images_per_s"])
         maps = _compare_maps(self.workdir / "run_cuda", self.workdir / "run_cpu")
         figures["fsc_cuda_vs_cpu"] = maps
-        figures["fsc_min"] = min((m["fsc_min"] for m in maps.values() if m["fsc_min"] is not None), default=None)
-        bad = [name for name, m in maps.items() if m["fsc_min"] is None or m["fsc_min"] <= FSC_MIN]
-        if bad:
-            raise Fail(f"FSC between the CUDA and CPU maps falls to {figures['fsc_min']} (needs > {FSC_MIN}) "
-                       f"in {', '.join(bad)}")
+        _require_agreement(maps, figures, "CUDA and CPU")
 
     def mpi_shared_gpu(self, figures: dict[str, Any]) -> None:
         s = self.sizes
@@ -502,11 +512,7 @@ class Acceptance:
         maps = _compare_maps(reference, out_dir)
         figures["compared_with"] = str(reference)
         figures["fsc_vs_one_rank"] = maps
-        figures["fsc_min"] = min((m["fsc_min"] for m in maps.values() if m["fsc_min"] is not None), default=None)
-        bad = [name for name, m in maps.items() if m["fsc_min"] is None or m["fsc_min"] <= FSC_MIN]
-        if bad:
-            raise Fail(f"FSC between the {s.mpi_ranks}-rank and one-rank maps falls to {figures['fsc_min']} "
-                       f"(needs > {FSC_MIN}) in {', '.join(bad)}")
+        _require_agreement(maps, figures, f"{s.mpi_ranks}-rank and one-rank")
 
     def run(self) -> int:
         s = self.sizes

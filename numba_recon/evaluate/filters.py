@@ -41,6 +41,17 @@ def _relion_round(x: float) -> int:
     return int(np.floor(x + 0.5)) if x >= 0 else -int(np.floor(-x + 0.5))
 
 
+def _filter_map(v: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """Multiply the half transform of a checked ``(N, N, N)`` map by ``factor`` and transform back.
+
+    ``factor`` is ``(N, N, N//2 + 1)`` or broadcasts to it (e.g. :func:`per_shell`); returns float32
+    ``(N, N, N)``.
+    """
+    ft = rfft3(v)
+    ft *= factor
+    return irfft3(ft, v.shape[0])
+
+
 # --------------------------------------------------------------------------------------------
 # Low-pass
 # --------------------------------------------------------------------------------------------
@@ -100,10 +111,7 @@ def lowpass(volume: np.ndarray, resolution_angstrom: float, pixel_size_angstrom:
         float32 ``(N, N, N)``.
     """
     v = check_volume(volume)
-    n = v.shape[0]
-    ft = rfft3(v)
-    ft *= lowpass_factor(n, resolution_angstrom, pixel_size_angstrom, edge_width_shells)
-    return irfft3(ft, n)
+    return _filter_map(v, lowpass_factor(v.shape[0], resolution_angstrom, pixel_size_angstrom, edge_width_shells))
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,10 +148,7 @@ def apply_bfactor(volume: np.ndarray, bfactor_angstrom2: float, pixel_size_angst
         float32 ``(N, N, N)``.
     """
     v = check_volume(volume)
-    n = v.shape[0]
-    ft = rfft3(v)
-    ft *= bfactor_factor(n, bfactor_angstrom2, pixel_size_angstrom)
-    return irfft3(ft, n)
+    return _filter_map(v, bfactor_factor(v.shape[0], bfactor_angstrom2, pixel_size_angstrom))
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +315,4 @@ def fsc_weight(volume: np.ndarray, fsc_true: np.ndarray) -> np.ndarray:
     if f.ndim != 1 or f.size != n // 2 + 1:
         raise InputError(f"FSC curve has {f.size} shells but a box of {n} has {n // 2 + 1}",
                          fix="pass the FSC computed for this box size")
-    ft = rfft3(v)
-    ft *= per_shell(fsc_weighting_factors(f), n)
-    return irfft3(ft, n)
+    return _filter_map(v, per_shell(fsc_weighting_factors(f), n))

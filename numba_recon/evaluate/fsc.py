@@ -464,6 +464,45 @@ def save_figure(fig, path: str | os.PathLike, overwrite: bool = True, dpi: int =
     return Path(path)
 
 
+#: Resolutions (Angstrom) that may label the top axis of an FSC plot.
+_RESOLUTION_TICKS_ANGSTROM = (50, 20, 10, 8, 6, 5, 4, 3.5, 3, 2.5, 2, 1.5, 1.2, 1.0)
+
+
+def fsc_axes(ax, freq: np.ndarray, lowest: float) -> None:
+    """Frame the axes of an FSC plot: x from 0 to the last shell's frequency, y from
+    ``max(-1.05, min(-0.1, lowest))`` to 1.05, axis labels, a light grid and a secondary top axis
+    in resolution (Angstrom).
+
+    Parameters
+    ----------
+    ax
+        Matplotlib axes the curves are drawn on.
+    freq
+        ``(box//2 + 1,)`` spatial frequencies of the shells, 1/Angstrom.
+    lowest
+        The lowest FSC value drawn.
+    """
+    ax.set_xlim(0.0, freq[-1])
+    # a corrected FSC can swing far below -1 where 1 - FSC_random is tiny; keep the plot readable
+    ax.set_ylim(max(-1.05, min(-0.1, lowest)), 1.05)
+    ax.set_xlabel("spatial frequency (1/\u00c5)")
+    ax.set_ylabel("Fourier shell correlation")
+    ax.grid(alpha=0.3)
+
+    floor = 1e-3 * float(freq[-1])
+
+    def _inv(x):
+        # 1/x, kept finite at x = 0 (matplotlib rejects infinite axis limits)
+        return 1.0 / np.maximum(np.asarray(x, dtype=np.float64), floor)
+
+    top = ax.secondary_xaxis("top", functions=(_inv, _inv))
+    top.set_xlabel("resolution (\u00c5)")
+    # resolutions below 4 % of the last frequency would crowd the left edge, where 1/x is steep
+    ticks = [r for r in _RESOLUTION_TICKS_ANGSTROM if 0.04 * freq[-1] <= 1.0 / r <= freq[-1]]
+    top.set_xticks(ticks)
+    top.set_xticklabels([f"{t:g}" for t in ticks])
+
+
 def plot_fsc(curves: Mapping[str, np.ndarray], box: int, angpix: float, path: str | os.PathLike,
              resolution: float | None = None, title: str | None = None,
              overwrite: bool = True) -> Path:
@@ -509,26 +548,8 @@ def plot_fsc(curves: Mapping[str, np.ndarray], box: int, angpix: float, path: st
         ax.axvline(1.0 / resolution, color="tab:red", linestyle="-.", linewidth=1.0)
         ax.annotate(f"{resolution:.2f} \u00c5", xy=(1.0 / resolution, 0.95), xytext=(4, 0),
                     textcoords="offset points", color="tab:red", fontsize=9)
-    ax.set_xlim(0.0, freq[-1])
     lowest = float(np.nanmin([np.nanmin(np.asarray(v, dtype=np.float64)) for v in curves.values()]))
-    # a corrected FSC can swing far below -1 where 1 - FSC_random is tiny; keep the plot readable
-    ax.set_ylim(max(-1.05, min(-0.1, lowest)), 1.05)
-    ax.set_xlabel("spatial frequency (1/\u00c5)")
-    ax.set_ylabel("Fourier shell correlation")
-    ax.grid(alpha=0.3)
-
-    floor = 1e-3 * float(freq[-1])
-
-    def _inv(x):
-        # 1/x, kept finite at x = 0 (matplotlib rejects infinite axis limits)
-        return 1.0 / np.maximum(np.asarray(x, dtype=np.float64), floor)
-
-    top = ax.secondary_xaxis("top", functions=(_inv, _inv))
-    top.set_xlabel("resolution (\u00c5)")
-    ticks = [r for r in (50, 20, 10, 8, 6, 5, 4, 3.5, 3, 2.5, 2, 1.5, 1.2, 1.0) if 1.0 / r <= freq[-1]]
-    ticks = [r for r in ticks if 1.0 / r >= 0.04 * freq[-1]]
-    top.set_xticks(ticks)
-    top.set_xticklabels([f"{t:g}" for t in ticks])
+    fsc_axes(ax, freq, lowest)
     if title is None and resolution is not None:
         title = f"resolution {resolution:.2f} \u00c5 (FSC = 0.143)"
     if title:

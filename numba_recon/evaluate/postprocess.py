@@ -32,6 +32,7 @@ import numpy as np
 from numba_recon.checks import finite_above
 from numba_recon.errors import InputError, OutputError
 from numba_recon.io.atomic import atomic_output
+from numba_recon.io.files import make_output_folder
 from numba_recon.io.star_text import format_value, loop_block, record_block
 from numba_recon.evaluate.filters import (bfactor_factor, fit_guinier_line, fsc_weighting_factors,
                                           guinier_from_ft, lowpass_factor)
@@ -470,12 +471,7 @@ def check_output_files(out_dir: str | os.PathLike, names: list[str] | tuple[str,
         if existing:
             raise OutputError("output files exist", existing[0] if len(existing) == 1 else out,
                               "pass --overwrite to replace them, or choose another -o folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create output folder ({err.strerror})", out, "choose a writable location") from None
-    if not os.access(out, os.W_OK):
-        raise OutputError("output folder is not writable", out, "choose a writable location")
+    make_output_folder(out)
     return targets
 
 

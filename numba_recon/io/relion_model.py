@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from numba_recon.io.atomic import atomic_output
+from numba_recon.io.run_files import MAP
 from numba_recon.io.star_text import format_number, loop_block, quote, record_block
 from numba_recon.provenance import comment_lines
 
@@ -104,7 +105,7 @@ def overall_fourier_completeness(ssnr: np.ndarray, completeness: np.ndarray) -> 
 
 
 def write_model_star(path: str | os.PathLike, fsc_curve: np.ndarray, box_size: int, pixel_size_angstrom: float,
-                     resolution_angstrom: float, *, reference_image: str = "run_class001.mrc",
+                     resolution_angstrom: float, *, reference_image: str = MAP,
                      tau2: np.ndarray | None = None, fourier_completeness: np.ndarray | None = None) -> Path:
     """Write ``run_model.star`` (RELION's model file blocks and labels, see the module text), atomically.
 

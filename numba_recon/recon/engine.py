@@ -2,10 +2,13 @@
 
 read -> batch -> forward -> loss -> adjoint -> reduce -> step -> checkpoint -> evaluate -> report
 
-Each half set ``h`` minimises ``sum_i w_i l_i + n_h lambda^2 ||x_h||^2`` by minibatch Adam. The
-minibatch gradient is scaled by ``n_h / sum_batch w_i`` so that it estimates the gradient over the
-whole (training part of the) half set, and the regulariser is scaled with ``n_h``, as in
-``docs/reconstruction.md``.
+Each half set is reconstructed independently. The default solver (``cg``) takes full passes over
+the particles: preconditioned conjugate gradients on the objective of :mod:`numba_recon.objective`
+(data term, per-shell prior learned from the gold-standard FSC, support), an exact line search, and
+a stop when the held-out loss no longer falls. ``adam`` takes minibatch steps on
+``sum_i w_i l_i + n_h lambda^2 ||x_h||^2``, the minibatch gradient scaled by ``n_h / sum_batch w_i``
+so that it estimates the gradient over the training part of half set ``h``
+(``docs/reconstruction.md``). Run state lives in :mod:`.state`, backend buffers in :mod:`.buffers`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +36,11 @@ from numba_recon.loss import (RobustSchedule, good_population, particle_scores, 
 from numba_recon.particles import MIN_BOX_PX
 from numba_recon.reduce import Comm, get_comm, select_device
 from numba_recon.step import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, AdamState, CGState, cg_direction, cg_step
-from numba_recon.io.run_files import HALF_SETS_CSV, HISTORY_CSV
+from numba_recon.io.run_files import CHECKPOINTS_DIR, HALF_SETS_CSV, HISTORY_CSV
+from numba_recon.recon.buffers import MIN_NOISE_VAR, Batch, DeviceStep, PassSums
+from numba_recon.recon.state import EpochStats, RunState, eta_text, particle_fingerprint, second_moment_per_half
 
 log = logging.getLogger(__name__)
-
-RUN_PREFIX = "run"
 
 #: The CG solver stops when a pass lowers the held-out loss by less than this fraction of what the
 #: direct reconstruction gained over a blank map.
@@ -51,217 +53,6 @@ INITIAL_LOWPASS_WARN_ANGSTROM = 20.0
 DIVERGENCE_FACTOR = 10.0
 #: The smallest support radius (pixels) the cg solver accepts.
 MIN_SUPPORT_RADIUS_PX = 3.0
-
-
-@dataclass
-class EpochStats:
-    """Figures of one epoch, one row of ``history.csv``."""
-
-    epoch: int
-    train_loss: float
-    cv_loss: float
-    resolution_angstrom: float
-    resolution_05_angstrom: float
-    kept_fraction: float
-    seconds: float
-    images_per_second: float
-
-
-@dataclass
-class RunState:
-    """Mutable state of a run (what a checkpoint restores)."""
-
-    epoch: int
-    step: int
-    volumes: np.ndarray
-    adam: AdamState
-    lr_abs: np.ndarray
-    halves: np.ndarray
-    cv: np.ndarray
-    scores_prev: np.ndarray
-    history: list[dict[str, Any]] = field(default_factory=list)
-    data_scale: float = 1.0
-    solver: dict[str, Any] | None = None
-
-
-def _eta(history: list[dict[str, Any]], epochs: int) -> str:
-    """The time the remaining epochs take at the median pace so far, as ``1h02m``, ``3m05s`` or ``12s``."""
-    done = len(history)
-    if done >= epochs:
-        return "done"
-    seconds = float(np.median([float(r["seconds"]) for r in history[-5:]])) * (epochs - done)
-    if seconds >= 3600:
-        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
-    if seconds >= 60:
-        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-    return f"{seconds:.0f}s"
-
-
-def particle_fingerprint(particles: Any) -> str:
-    """SHA-256 of the particle set as a run sees it: every row's image (``index@stack file name``) and
-    input half set, in row order. A resume with another set (rows added, removed, reordered or moved
-    between halves) would mix the gold-standard halves, so it is refused."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path, index, half in zip(particles.stack_paths, particles.stack_indices, np.asarray(particles.half_set)):
-        # surrogateescape: a stack name read from a non-UTF-8 file hashes as its bytes on disk
-        digest.update(f"{int(index)}@{Path(str(path)).name}:{int(half)}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
-
-
-class PassSums:
-    """The volumes a pass sums over particles (back-projections, kernels), ``(k, N, N, N)``.
-
-    On the CPU each batch is accumulated into a float32 scratch volume by the kernels and then
-    added into float64 sums on the host, so that the sums of a pass depend on the split of the
-    particles between ranks and batches only at float64 rounding (the direct reconstruction
-    divides by small sampling densities, which magnifies float32 summation noise about tenfold).
-    On the GPU the kernels accumulate into float32 device sums, copied to the host once per pass.
-    """
-
-    def __init__(self, backend: Any, k: int, n: int) -> None:
-        self.backend = backend
-        self.on_host = backend.name == "cpu"
-        if self.on_host:
-            self.total = np.zeros((k, n, n, n), np.float64)
-            self._scratch = np.zeros((n, n, n), np.float32)
-        else:
-            self.total = backend.zeros((k, n, n, n))
-        self._current = -1
-
-    def target(self, j: int) -> Any:
-        """The buffer the next kernel call for sum ``j`` accumulates into; :meth:`commit` after it."""
-        if not self.on_host:
-            return self.total[j]
-        self._scratch[...] = 0.0
-        self._current = j
-        return self._scratch
-
-    def commit(self) -> None:
-        if self.on_host and self._current >= 0:
-            self.total[self._current] += self._scratch
-            self._current = -1
-
-    def reduce(self, comm: Comm) -> np.ndarray:
-        """Sum over ranks (one reduction) and return the host float64 sums."""
-        comm.allreduce_sum_(self.total)
-        return np.asarray(self.backend.to_host(self.total) if not self.on_host else self.total, dtype=np.float64)
-
-
-@dataclass
-class Batch:
-    """One batch of ``b`` particles ready for the operator (:meth:`Reconstruction._prepared`).
-
-    Attributes
-    ----------
-    data, filters2
-        ``(b, N, N)`` float32 ``H T^-1 b`` and ``H^2``: backend arrays when prepared on the device,
-        host arrays otherwise (the backend's ``to_device``/``copy_into`` take either).
-    data_norm2_dev
-        ``(b,)`` float32 ``||T^-1 b||^2``, where ``data`` is.
-    data_norm2, noise_var
-        ``(b,)`` float32 host copies of the norms and the noise variances, or None where the caller
-        asked for them to stay on the device.
-    rotations
-        ``(b, 3, 3)`` float32, host.
-    """
-
-    data: Any
-    filters2: Any
-    data_norm2_dev: Any
-    data_norm2: np.ndarray | None
-    noise_var: np.ndarray | None
-    rotations: np.ndarray
-
-
-#: The noise variance is floored here (an image with a constant background).
-MIN_NOISE_VAR = np.float32(1e-12)
-
-
-def _second_moment(v: np.ndarray) -> np.ndarray:
-    """A checkpoint's Adam second moment as ``(2,)`` float32. Checkpoints of earlier versions hold
-    one per voxel; their mean over the map is exactly the map-wide moment the step now keeps."""
-    v = np.asarray(v)
-    if v.ndim > 1:
-        v = v.reshape(len(v), -1).mean(axis=1, dtype=np.float64)
-    return v.astype(np.float32)
-
-
-@dataclass
-class DeviceStep:
-    """The backend arrays of an adam run, allocated once and reused by every step.
-
-    The maps, their gradients and the Adam moments live here from the first step to the last;
-    the host copies in :class:`RunState` are refreshed once per epoch (the maps, for the FSC and
-    the outputs) or when a checkpoint is due (the moments). ``B`` is the largest shard of a
-    minibatch one rank handles; ``P`` bounds the particles one rank processes in an epoch.
-
-    Attributes
-    ----------
-    params, grad, m
-        ``(2, N, N, N)`` float32: half maps, summed minibatch gradients, first moments.
-    v
-        ``(2,)`` float32: the second moment of each half.
-    rotations
-        ``(B, 3, 3)`` float32, the shard's poses (uploaded into ``[:b]`` each step).
-    filters2, data, residual
-        ``(B, N, N)`` float32: squared CTFs, filtered images, residuals.
-    data_norm2, weights, ones
-        ``(B,)`` float32: image norms, robust weights, and unit weights for the plain L2 loss.
-    losses, energy
-        ``(P,)`` float32: per-particle losses and model energies of the epoch, in processing
-        order, left on the device and copied to the host once at the end of the epoch.
-    images, ctf_params, shifts_px, premultiplied
-        With particles prepared on the device (else None): the shard's raw images ``(B, N, N)``
-        float32, CTF parameters ``(B, 9)`` float64, shifts ``(B, 2)`` float64 and flags ``(B,)``
-        uint8, the inputs of the backend's ``prepare_particles``.
-    norm2_epoch, noise_epoch
-        With particles prepared on the device (else None): ``(P,)`` float32 image norms and noise
-        variances of the epoch, written by ``prepare_particles`` beside the losses.
-    """
-
-    params: Any
-    grad: Any
-    m: Any
-    v: Any
-    rotations: Any
-    filters2: Any
-    data: Any
-    residual: Any
-    data_norm2: Any
-    weights: Any
-    ones: Any
-    losses: Any
-    energy: Any
-    images: Any = None
-    ctf_params: Any = None
-    shifts_px: Any = None
-    premultiplied: Any = None
-    norm2_epoch: Any = None
-    noise_epoch: Any = None
-
-    @classmethod
-    def allocate(cls, backend: Any, st: RunState, n: int, width: int, per_epoch: int,
-                 raw: bool = False) -> "DeviceStep":
-        """Buffers for maps of box ``n``, shards of up to ``width`` particles and ``per_epoch``
-        particles an epoch (with ``raw``, the inputs of ``prepare_particles`` too); the maps and
-        moments start as ``st``'s."""
-        be = backend
-        shape = st.volumes.shape
-        width, per_epoch = max(1, width), max(1, per_epoch)
-        raw_buffers = {}
-        if raw:
-            raw_buffers = dict(images=be.zeros((width, n, n)), ctf_params=be.zeros((width, 9), np.float64),
-                               shifts_px=be.zeros((width, 2), np.float64),
-                               premultiplied=be.zeros((width,), np.uint8), norm2_epoch=be.zeros((per_epoch,)),
-                               noise_epoch=be.zeros((per_epoch,)))
-        return cls(**raw_buffers, params=be.copy_into(be.zeros(shape), st.volumes), grad=be.zeros(shape),
-                   m=be.copy_into(be.zeros(shape), st.adam.m), v=be.copy_into(be.zeros(shape[:1]), st.adam.v),
-                   rotations=be.zeros((width, 3, 3)), filters2=be.zeros((width, n, n)), data=be.zeros((width, n, n)),
-                   residual=be.zeros((width, n, n)), data_norm2=be.zeros((width,)), weights=be.zeros((width,)),
-                   ones=be.copy_into(be.zeros((width,)), np.ones(width, np.float32)),
-                   losses=be.zeros((per_epoch,)), energy=be.zeros((per_epoch,)))
 
 
 class Reconstruction:
@@ -452,7 +243,7 @@ class Reconstruction:
                                  "sets): resuming would mix the gold-standard halves", self.config.particles,
                                  "resume with the original particle file, or start a new run in another -o folder")
         if ckpt.volumes.shape[1:] != (self.box,) * 3:
-            raise InputFileError("checkpoint box size does not match the particles", self.out / "checkpoints",
+            raise InputFileError("checkpoint box size does not match the particles", self.out / CHECKPOINTS_DIR,
                                  "resume with the same particles, or start a new run with --overwrite")
         if ckpt.state.get("n_ranks") not in (None, self.comm.size):
             log.warning("resuming with %d ranks (checkpoint written with %s): results will equal an "
@@ -462,7 +253,8 @@ class Reconstruction:
         if self.config.optimizer == "cg":
             return self._restore_cg(ckpt)
         return RunState(epoch=ckpt.epoch, step=ckpt.step, volumes=ckpt.volumes.astype(np.float32),
-                        adam=AdamState(ckpt.adam_m.astype(np.float32), _second_moment(ckpt.adam_v), ckpt.adam_t),
+                        adam=AdamState(ckpt.adam_m.astype(np.float32), second_moment_per_half(ckpt.adam_v),
+                                       ckpt.adam_t),
                         lr_abs=np.asarray(ckpt.state["lr_abs"], np.float64),
                         halves=ckpt.arrays["half_set"].astype(np.int8), cv=ckpt.arrays["cv"].astype(bool),
                         scores_prev=ckpt.arrays["scores_prev"].astype(np.float64),
@@ -1014,7 +806,7 @@ class Reconstruction:
                 log.info("epoch %d/%d  train %.5f  cv %.5f  resolution %.2f A (FSC 0.5: %.2f A)  kept %.2f  %.1f s"
                          "  ETA %s", stats.epoch, cfg.epochs, stats.train_loss, stats.cv_loss,
                          stats.resolution_angstrom, stats.resolution_05_angstrom, stats.kept_fraction, stats.seconds,
-                         _eta(st.history, cfg.epochs))
+                         eta_text(st.history, cfg.epochs))
                 self._write_history(st.history)
                 if st.epoch % cfg.checkpoint_every == 0 or st.epoch == cfg.epochs:
                     self._checkpoint(st)
@@ -1385,7 +1177,7 @@ class Reconstruction:
                 log.info("pass %d/%d  train %.6f  cv %.6f  resolution %.2f A (FSC 0.5: %.2f A)  kept %.2f  %.1f s%s"
                          "  ETA %s", st.epoch, cfg.epochs, train_loss, cv_loss, res, res05, kept_fraction, seconds,
                          "  (direct reconstruction)" if st.epoch == 1 else f"  step {row['step_length']:.2f}",
-                         "done" if st.solver["stopped"] else "at most " + _eta(st.history, cfg.epochs))
+                         "done" if st.solver["stopped"] else "at most " + eta_text(st.history, cfg.epochs))
                 self._write_history(st.history)
                 if st.epoch % cfg.checkpoint_every == 0 or st.epoch == cfg.epochs or st.solver["stopped"]:
                     self._checkpoint(st)

@@ -35,7 +35,7 @@ from numba_recon import __version__
 from numba_recon.io.atomic import atomic_write_text
 from numba_recon.errors import InputError
 from numba_recon.io.run_files import (CHIMERAX_CXC, COMMAND_TXT, DATA_STAR, FSC_CSV, HALF1_MAP, HALF2_MAP, MAP,
-    MODEL_STAR, REPORT_HTML, SCORES_CSV, SUMMARY_JSON)
+                                      MODEL_STAR, PLOTS_DIR, POSTPROCESS_DIR, REPORT_HTML, SCORES_CSV, SUMMARY_JSON)
 
 # ``job`` below is the engine's finished ``Reconstruction`` and ``st`` its ``RunState``: read by
 # attribute only, so the report stage does not import the engine that calls it.
@@ -44,10 +44,6 @@ RunState = Any
 
 log = logging.getLogger(__name__)
 
-PLOTS = "plots"
-POSTPROCESS_DIR = "postprocess"
-# the plots of a run folder, in the order the report shows them
-PLOT_FILES = ("fsc.png", "loss.png", "slices.png", "projections.png", "directions.png", "scores.png")
 
 
 def filtered_average(half1: np.ndarray, half2: np.ndarray, fsc_curve: np.ndarray, resolution_angstrom: float,
@@ -187,7 +183,7 @@ def write_run_outputs(job: Reconstruction, st: RunState, losses: np.ndarray, sco
     from numba_recon.io.star import write_star
 
     out = job.out
-    plots = out / PLOTS
+    plots = out / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
     box, angpix = job.box, job.angpix
     half1, half2 = st.volumes[0], st.volumes[1]

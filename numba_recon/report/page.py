@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from numba_recon.io.atomic import atomic_write_text
-from numba_recon.io.run_files import PLOTS_DIR as PLOTS, POSTPROCESS_DIR
+from numba_recon.io.run_files import PLOTS_DIR, POSTPROCESS_DIR
 from numba_recon.io.run_files import CHIMERAX_CXC, REPORT_HTML, SUMMARY_JSON
 
 
@@ -120,7 +120,7 @@ def write_html_report(out_dir: str | os.PathLike) -> Path:
         summary = json.loads((out / SUMMARY_JSON).read_text())
     except (OSError, ValueError):
         summary = {}
-    plots = out / PLOTS
+    plots = out / PLOTS_DIR
     cfg = summary.get("config", {})
     pp = summary.get("postprocess") or {}
     sym = summary.get("symmetry") or {}

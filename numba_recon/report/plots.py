@@ -32,6 +32,7 @@ import numpy as np
 
 from numba_recon.checks import finite_above
 from numba_recon.errors import InputFileError
+from numba_recon.evaluate.fsc import fsc_axes
 from numba_recon.evaluate.truth import TRUTH_THRESHOLD
 from numba_recon.io.atomic import atomic_write_text
 from numba_recon.io.run_files import DATA_STAR, FSC_CSV, HISTORY_CSV, MAP, PLOTS_DIR, SUMMARY_JSON
@@ -151,23 +152,7 @@ def plot_fsc_curves(curve: np.ndarray, box: int, angpix: float, resolution: floa
                 ax.axvline(1.0 / truth_resolution, color="C3", linestyle=(0, (5, 2, 1, 2)), linewidth=1.0,
                            label=f"map vs truth: {truth_resolution:.2f} {ANG} at 0.5")
             lowest = min(lowest, float(np.nanmin(truth_curve)))
-        ax.set_xlim(0.0, freq[-1])
-        ax.set_ylim(max(-1.05, min(-0.1, lowest)), 1.05)
-        ax.set_xlabel(f"spatial frequency (1/{ANG})")
-        ax.set_ylabel("Fourier shell correlation")
-        ax.grid(alpha=0.3)
-        floor = 1e-3 * float(freq[-1])
-
-        def _inv(x):
-            # 1/x, kept finite at x = 0 (matplotlib rejects infinite axis limits)
-            return 1.0 / np.maximum(np.asarray(x, dtype=np.float64), floor)
-
-        top = ax.secondary_xaxis("top", functions=(_inv, _inv))
-        top.set_xlabel(f"resolution ({ANG})")
-        ticks = [r for r in (50, 20, 10, 8, 6, 5, 4, 3.5, 3, 2.5, 2, 1.5, 1.2, 1.0)
-                 if 0.04 * freq[-1] <= 1.0 / r <= freq[-1]]
-        top.set_xticks(ticks)
-        top.set_xticklabels([f"{t:g}" for t in ticks])
+        fsc_axes(ax, freq, lowest)
         title = f"Fourier shell correlation: {resolution:.2f} {ANG} (half maps, 0.143)"
         if truth_resolution and np.isfinite(truth_resolution):
             title += f", {truth_resolution:.2f} {ANG} (vs truth, 0.5)"

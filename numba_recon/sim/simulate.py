@@ -33,6 +33,7 @@ from numba_recon import __version__, manifest
 from numba_recon.ctf import ctf_images
 from numba_recon.errors import InputError, OutputError
 from numba_recon.geometry import euler_to_matrix, matrix_to_euler, random_rotations
+from numba_recon.io.files import make_output_folder, refuse_output_folder
 from numba_recon.sim.phantom import (
     Blobs,
     FourierProjector,
@@ -288,11 +289,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool, n_stacks: int | None = None) 
     """Refuse an output path that is a file, a non-empty folder without ``overwrite``, and with
     ``overwrite`` files this data set would replace (``n_stacks`` stacks and the fixed names) that
     no earlier ``simulate`` provably wrote."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError("output folder is an existing file", out_dir, "choose another -o path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputError("output folder exists and is not empty", out_dir,
-                          "pass --overwrite to replace its results, or choose another -o")
+    refuse_output_folder(out_dir, overwrite)
     if overwrite and out_dir.is_dir() and n_stacks is not None:
         previous = _previous_manifest(out_dir)
         probe = previous if previous is not None else manifest.Manifest(out_dir, "simulate", store_name=None)
@@ -304,13 +301,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool, n_stacks: int | None = None) 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     _check_out_dir(out_dir, overwrite)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create output folder ({err.strerror})", out_dir,
-                          "choose a writable location") from None
-    if not os.access(out_dir, os.W_OK):
-        raise OutputError("output folder is not writable", out_dir, "choose a writable location")
+    make_output_folder(out_dir)
 
 
 def _stack_name(k: int) -> str:
