@@ -23,33 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import add_workdir_option, measured_child, measured_report, run_in_work_folder, simulated
 
 # The child: run the command line in-process and print its wall time on stderr.
 # ``NUMBA_RECON_BENCH_PREFETCH`` sets the read-ahead depth of the loader.
-CHILD = r"""
-import json, os, sys, time
+CHILD = measured_child(setup="""
 import numba_recon.batch as batch
 if os.environ.get("NUMBA_RECON_BENCH_PREFETCH"):
     batch.PREFETCH_DEPTH = int(os.environ["NUMBA_RECON_BENCH_PREFETCH"])
-from numba_recon.cli import main
-t0 = time.perf_counter()
-status = 0
-try:
-    main(sys.argv[1:], prog_name="numba-recon", standalone_mode=False)
-except SystemExit as err:
-    status = err.code or 0
-print("MEASURE " + json.dumps({"status": status, "wall_s": time.perf_counter() - t0}), file=sys.stderr)
-"""
+""")
 
 MAPS = ("run_class001.mrc", "run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc")
 
@@ -78,22 +67,11 @@ def measure(args: list[str], env: dict[str, str], log: Path, timeout: float = 18
         proc.returncode = os.waitstatus_to_exitcode(status)
         outer = time.perf_counter() - t0
     text = log.read_text()
-    lines = [line for line in text.splitlines() if line.startswith("MEASURE ")]
-    if proc.returncode != 0 or not lines or json.loads(lines[-1][8:])["status"] != 0:
+    report = measured_report(text)
+    if proc.returncode != 0 or report is None or report["status"] != 0:
         raise RuntimeError(f"numba-recon {' '.join(args)} failed:\n{text[-3000:]}")
-    report = json.loads(lines[-1][8:])
     report.update(process_s=outer, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_mib=usage.ru_maxrss / 1024)
     return report
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def maps_of(out: Path) -> list[np.ndarray]:
@@ -114,26 +92,18 @@ def main() -> None:
                         "passes on the default data set, where fixed costs then dominate); default: all passes")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--sync", action="store_true", help="also run the small cache without the background reader")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where to simulate and run (default: a temporary folder, removed)")
+    add_workdir_option(parser, "simulate and run")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="numba_recon_stream_"))
-    try:
-        run_all(args, work)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+    run_in_work_folder(parser, "numba_recon_stream_", run_all)
 
 
 def run_all(args: argparse.Namespace, work: Path) -> None:
-    from numba_recon.sim.simulate import simulate_dataset
+    from numba_recon.tools.bench import machine_info
 
     data = work / "data"
     t0 = time.perf_counter()
-    if not (data / "particles.star").exists():
-        simulate_dataset(data, n_particles=args.particles, box_size=args.box, pixel_size_angstrom=2.0, snr=0.1,
-                         seed=1, max_shift_px=3.0, particles_per_stack=500, overwrite=True)
+    simulated(data, n_particles=args.particles, box_size=args.box, pixel_size_angstrom=2.0, snr=0.1, seed=1,
+              max_shift_px=3.0, particles_per_stack=500)
     simulate_s = time.perf_counter() - t0
     n, box = args.particles, args.box
     small_rows = max(1, int(round(args.fraction * n)))
@@ -141,9 +111,9 @@ def run_all(args: argparse.Namespace, work: Path) -> None:
              "tenth" if args.fraction == 0.1 else f"{args.fraction:g}": (cache_mb_for(small_rows, box), "")}
     if args.sync:
         modes[f"{list(modes)[1]}, no read-ahead"] = (modes[list(modes)[1]][0], "0")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    machine = {"nproc": cores, "cpu": cpu_model(), "python": platform.python_version(),
-               "load_before": os.getloadavg()}
+    info = machine_info()
+    cores = info["cpus_usable"]
+    machine = {"nproc": cores, "cpu": info["cpu_model"], "python": info["python"], "load_before": os.getloadavg()}
     print(f"{n} particles, box {box}, batch {args.batch_size}, --epochs {args.epochs}"
           f"{'' if args.early_stop else ' --no-early-stop'}; prepared particle "
           f"{row_bytes(box)} B; {cores} cores ({machine['cpu']}); simulated in {simulate_s:.0f} s; "

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
-import shutil
 import sys
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 
+from _common import work_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,11 +41,8 @@ def main() -> None:
     args = parser.parse_args()
 
     h = load_harness()
-    work = Path(tempfile.mkdtemp(prefix="numba_recon_fuzz_"))
-    try:
+    with work_folder(None, "numba_recon_fuzz_") as work:
         run_all(args, h, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def run_all(args: argparse.Namespace, h, work: Path) -> None:

@@ -53,7 +53,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -62,6 +61,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from _common import work_folder
 
 # ----------------------------------------------------------------------------------------------
 # data sets
@@ -834,52 +834,54 @@ def _backend_cuda(ctx):
     ctx.argv[ctx.argv.index("--backend") + 1] = "cuda"
 
 
-OPTION_CASES: dict[str, tuple[Callable[[Ctx], None], bool]] = {
-    "seed_-1": (_opt("--seed", "-1"), False),
-    "seed_2^63": (_opt("--seed", str(2**63)), False),
-    "seed_2^64": (_opt("--seed", str(2**64)), False),
-    "sym_C10001": (_opt("--sym", "C10001"), False),
-    "sym_C10000000": (_opt("--sym", "C10000000"), False),
-    "sym_D5000": (_opt("--sym", "D5000"), False),
-    "sym_empty": (_opt("--sym", ""), False),
-    "radius_0.001": (_opt("--radius", "0.001"), False),
-    "radius_1e9": (_opt("--radius", "1e9"), False),
-    "radius_-1": (_opt("--radius", "-1"), False),
-    "lr_1e30_adam": (_opt("--optimizer", "adam", "--lr", "1e30"), False),
-    "lr_1e-30_adam": (_opt("--optimizer", "adam", "--lr", "1e-30"), False),
-    "lr_nan_adam": (_opt("--optimizer", "adam", "--lr", "nan"), False),
-    "epochs_0": (_opt("--epochs", "0", epochs=None), False),
-    "epochs_-1": (_opt("--epochs", "-1", epochs=None), False),
-    "batch_size_0": (_opt("--batch-size", "0"), False),
-    "batch_size_1_adam": (_opt("--optimizer", "adam", "--batch-size", "1"), False),
-    "keep_fraction_1.5": (_opt("--loss", "trimmed", "--keep-fraction", "1.5"), False),
-    "keep_fraction_0.5:1.5": (_opt("--loss", "trimmed", "--keep-fraction", "0.5:1.5"), False),
-    "cv_fraction_0": (_opt("--cv-fraction", "0"), False),
-    "cv_fraction_1": (_opt("--cv-fraction", "1"), False),
-    "cv_fraction_0.99": (_opt("--cv-fraction", "0.99"), False),
-    "particle_diameter_0.001": (_opt("--particle-diameter", "0.001"), False),
-    "particle_diameter_1e9": (_opt("--particle-diameter", "1e9"), False),
-    "reg_lambda_-1": (_opt("--reg-lambda", "-1"), False),
-    "reg_lambda_1e30": (_opt("--reg-lambda", "1e30"), False),
-    "cache_mb_1e-9": (_opt("--cache-mb", "1e-9"), False),
-    "checkpoint_every_0": (_opt("--checkpoint-every", "0"), False),
-    "class_99": (_opt("--class", "99"), False),
-    "reweight_power_nan": (_opt("--loss", "reweighted", "--reweight-power", "nan"), False),
-    "robust_warmup_-1": (_opt("--loss", "trimmed", "--robust-warmup", "-1"), False),
-    "root_missing": (_root("missing"), False),
-    "root_is_file": (_root("file"), False),
-    "mask_wrong_box": (_mask("wrong_box"), False),
-    "mask_all_zero": (_mask("all_zero"), False),
-    "mask_nan": (_mask("nan"), False),
-    "initial_map_wrong_box": (_initial_map("base", 24), False),
-    "initial_map_nan": (_initial_map("base", 16, value=np.nan), False),
-    "initial_map_is_stack": (_initial_map_is_stack, False),
-    "initial_map_white_noise_adam": (_initial_map("integ", 32, epochs=None), True),
-    "initial_map_white_noise_adam_5_epochs": (_initial_map("integ", 32, epochs=5), True),
-    "initial_map_white_noise_adam_lowpass_nyquist": (_initial_map("integ", 32, "--initial-lowpass", "6",
-                                                                  epochs=5), True),
-    "backend_cuda_without_gpu": (_backend_cuda, False),
+#: name -> builder; the cases that reconstruct for real are in SLOW_OPTION_CASES
+OPTION_CASES: dict[str, Callable[[Ctx], None]] = {
+    "seed_-1": _opt("--seed", "-1"),
+    "seed_2^63": _opt("--seed", str(2**63)),
+    "seed_2^64": _opt("--seed", str(2**64)),
+    "sym_C10001": _opt("--sym", "C10001"),
+    "sym_C10000000": _opt("--sym", "C10000000"),
+    "sym_D5000": _opt("--sym", "D5000"),
+    "sym_empty": _opt("--sym", ""),
+    "radius_0.001": _opt("--radius", "0.001"),
+    "radius_1e9": _opt("--radius", "1e9"),
+    "radius_-1": _opt("--radius", "-1"),
+    "lr_1e30_adam": _opt("--optimizer", "adam", "--lr", "1e30"),
+    "lr_1e-30_adam": _opt("--optimizer", "adam", "--lr", "1e-30"),
+    "lr_nan_adam": _opt("--optimizer", "adam", "--lr", "nan"),
+    "epochs_0": _opt("--epochs", "0", epochs=None),
+    "epochs_-1": _opt("--epochs", "-1", epochs=None),
+    "batch_size_0": _opt("--batch-size", "0"),
+    "batch_size_1_adam": _opt("--optimizer", "adam", "--batch-size", "1"),
+    "keep_fraction_1.5": _opt("--loss", "trimmed", "--keep-fraction", "1.5"),
+    "keep_fraction_0.5:1.5": _opt("--loss", "trimmed", "--keep-fraction", "0.5:1.5"),
+    "cv_fraction_0": _opt("--cv-fraction", "0"),
+    "cv_fraction_1": _opt("--cv-fraction", "1"),
+    "cv_fraction_0.99": _opt("--cv-fraction", "0.99"),
+    "particle_diameter_0.001": _opt("--particle-diameter", "0.001"),
+    "particle_diameter_1e9": _opt("--particle-diameter", "1e9"),
+    "reg_lambda_-1": _opt("--reg-lambda", "-1"),
+    "reg_lambda_1e30": _opt("--reg-lambda", "1e30"),
+    "cache_mb_1e-9": _opt("--cache-mb", "1e-9"),
+    "checkpoint_every_0": _opt("--checkpoint-every", "0"),
+    "class_99": _opt("--class", "99"),
+    "reweight_power_nan": _opt("--loss", "reweighted", "--reweight-power", "nan"),
+    "robust_warmup_-1": _opt("--loss", "trimmed", "--robust-warmup", "-1"),
+    "root_missing": _root("missing"),
+    "root_is_file": _root("file"),
+    "mask_wrong_box": _mask("wrong_box"),
+    "mask_all_zero": _mask("all_zero"),
+    "mask_nan": _mask("nan"),
+    "initial_map_wrong_box": _initial_map("base", 24),
+    "initial_map_nan": _initial_map("base", 16, value=np.nan),
+    "initial_map_is_stack": _initial_map_is_stack,
+    "initial_map_white_noise_adam": _initial_map("integ", 32, epochs=None),
+    "initial_map_white_noise_adam_5_epochs": _initial_map("integ", 32, epochs=5),
+    "initial_map_white_noise_adam_lowpass_nyquist": _initial_map("integ", 32, "--initial-lowpass", "6", epochs=5),
+    "backend_cuda_without_gpu": _backend_cuda,
 }
+SLOW_OPTION_CASES = {"initial_map_white_noise_adam", "initial_map_white_noise_adam_5_epochs",
+                     "initial_map_white_noise_adam_lowpass_nyquist"}
 
 # ---- output hazards --------------------------------------------------------------------------
 
@@ -1139,8 +1141,8 @@ def _register() -> None:
         case(f"physics/{name}", "physics", run_case(b))
     for name, extra in PHYSICS_CLI.items():
         case(f"physics/{name}", "physics", run_case(lambda ctx: ctx.data() / "particles.star", *extra))
-    for name, (b, slow) in OPTION_CASES.items():
-        case(f"options/{name}", "options", b, slow=slow)
+    for name, b in OPTION_CASES.items():
+        case(f"options/{name}", "options", b, slow=name in SLOW_OPTION_CASES)
     for name, b in OUTPUT_CASES.items():
         case(f"output/{name}", "output", b)
     for name, b in RESUME_CASES.items():
@@ -1358,10 +1360,7 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=False)
-        work = args.keep.resolve()
-    else:
-        work = Path(tempfile.mkdtemp(prefix="numba-recon-hostile-"))
-    try:
+    with work_folder(args.keep.resolve() if args.keep else None, "numba-recon-hostile-") as work:
         print(f"simulating the data sets in {work} ...", file=sys.stderr)
         datasets = build_datasets(work)
         order = sorted(range(len(selected)), key=lambda i: not selected[i].slow)
@@ -1384,9 +1383,6 @@ def main() -> None:
                     print(f"[{len(results)}/{len(selected)}] {r['seconds']:6.1f}s {r['class']:<11} {r['name']}{flags}",
                           file=sys.stderr, flush=True)
         records = [results[i] for i in range(len(selected))]
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - t0
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,11 @@ Example (about 1 minute on 2 cores)::
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import add_workdir_option, run_in_work_folder
 
 
 def write_layout(folder: Path, n: int, box: int, n_groups: int, n_stacks: int, seed: int = 0) -> Path:
@@ -104,16 +103,8 @@ def main() -> None:
     parser.add_argument("--stacks", type=int, default=2000, help="stack files of the many-stacks layouts")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where to write the layouts (default: a temporary folder, removed)")
-    args = parser.parse_args()
-
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="numba_recon_io_"))
-    try:
-        run_all(args, work)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+    add_workdir_option(parser, "write the layouts")
+    run_in_work_folder(parser, "numba_recon_io_", run_all)
 
 
 def run_all(args: argparse.Namespace, work: Path) -> None:

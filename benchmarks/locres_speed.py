@@ -14,22 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def half_maps(n: int, angpix: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -56,9 +44,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from numba_recon.evaluate.locres import local_resolution
+    from numba_recon.tools.bench import machine_info
 
-    print(f"CPU: {cpu_model()}, nproc {os.cpu_count()}, "
-          f"affinity {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 'n/a'}, "
+    info = machine_info()
+    print(f"CPU: {info['cpu_model']}, nproc {info['cpu_count']}, affinity {info['cpus_usable']}, "
           f"load average {os.getloadavg()[0]:.1f} (wall times grow with other load)")
     for n in args.boxes:
         h1, h2, mask = half_maps(n, args.angpix)

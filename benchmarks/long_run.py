@@ -1,5 +1,8 @@
 """A long run: hundreds of epochs on a small data set, memory and time per epoch.
 
+The epochs are minibatch adam epochs (``--optimizer adam``): the default solver, cg, stops after a
+few passes, so only adam runs for hundreds of epochs.
+
 Runs ``numba-recon run`` in-process in a fresh child (checkpoint and ``history.csv`` written every
 epoch, as by default) and records after every epoch: the wall time of the epoch including its
 checkpoint, the process's ``VmRSS``, ``RssAnon`` and ``RssFile`` (``/proc/self/status``), and the
@@ -17,13 +20,12 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+from _common import add_workdir_option, run_in_work_folder, simulated
 
 CHILD = r"""
 import gc, json, sys, time
@@ -71,30 +73,18 @@ def main() -> None:
     parser.add_argument("--particles", type=int, default=200)
     parser.add_argument("--box", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where to write the data set and the run (default: a temporary folder, removed)")
+    add_workdir_option(parser, "write the data set and the run")
     parser.add_argument("--csv", type=Path, default=None, help="write the per-epoch table here")
-    args = parser.parse_args()
-
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="numba_recon_long_"))
-    try:
-        run_all(args, work)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+    run_in_work_folder(parser, "numba_recon_long_", run_all)
 
 
 def run_all(args: argparse.Namespace, work: Path) -> None:
-    from numba_recon.sim.simulate import simulate_dataset
-
-    sim = work / "sim"
-    if not (sim / "particles.star").exists():
-        simulate_dataset(sim, n_particles=args.particles, box_size=args.box, pixel_size_angstrom=4.0, snr=0.5,
-                         seed=2, particles_per_stack=100, max_shift_px=2.0, overwrite=True)
+    star = simulated(work / "sim", n_particles=args.particles, box_size=args.box, pixel_size_angstrom=4.0, snr=0.5,
+                     seed=2, particles_per_stack=100, max_shift_px=2.0)
     table = work / "epochs.json"
-    res = subprocess.run([sys.executable, "-c", CHILD, str(table), "-q", "run", str(sim / "particles.star"), "-o",
-                          str(work / "run"), "--overwrite", "--backend", "cpu", "--epochs", str(args.epochs),
-                          "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", CHILD, str(table), "-q", "run", str(star), "-o",
+                          str(work / "run"), "--overwrite", "--backend", "cpu", "--optimizer", "adam",
+                          "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)], capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(res.stderr[-3000:])
     rows = json.loads(table.read_text())

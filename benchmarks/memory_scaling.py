@@ -23,19 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import add_workdir_option, measured_child, measured_report, run_in_work_folder, simulated
 
 # The child: sample /proc/self/status in a thread, run the command line in-process, print a JSON
 # line of peaks on stderr. ``NUMBA_RECON_BENCH_MMAP_READS=1`` reads images through the memory map.
-CHILD = r"""
-import json, os, resource, sys, threading, time
+CHILD = measured_child(setup="""
+import resource, threading
 peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
 samples = []
 stop = threading.Event()
@@ -52,31 +51,21 @@ thread.start()
 if os.environ.get("NUMBA_RECON_BENCH_MMAP_READS") == "1":
     import numba_recon.io.mrc as mrc
     mrc.READ_WITH_PREAD = False
-from numba_recon.cli import main
-t0 = time.perf_counter()
-status = 0
-try:
-    main(sys.argv[1:], prog_name="numba-recon", standalone_mode=False)
-except SystemExit as err:
-    status = err.code or 0
-finally:
-    stop.set()
-    thread.join()
-    report = {"status": status, "wall_s": time.perf_counter() - t0,
-              "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    report.update({f"peak_{k}_mib": v / 1024 for k, v in peak.items()})
-    print("MEASURE " + json.dumps(report), file=sys.stderr)
-"""
+""", finish="""
+stop.set()
+thread.join()
+report["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+report.update({f"peak_{k}_mib": v / 1024 for k, v in peak.items()})
+""")
 
 
 def measure(args: list[str], env: dict[str, str] | None = None, timeout: float = 900) -> dict:
     """Run ``numba-recon <args>`` in a fresh Python process; return its peak-memory report."""
     res = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, timeout=timeout,
                          env=env or dict(os.environ))
-    lines = [line for line in res.stderr.splitlines() if line.startswith("MEASURE ")]
-    if res.returncode != 0 or not lines:
+    report = measured_report(res.stderr)
+    if res.returncode != 0 or report is None:
         raise RuntimeError(f"numba-recon {' '.join(args)} failed:\n{res.stderr[-3000:]}")
-    report = json.loads(lines[-1][len("MEASURE "):])
     if report["status"] != 0:
         raise RuntimeError(f"numba-recon {' '.join(args)} exited with {report['status']}:\n{res.stderr[-3000:]}")
     return report
@@ -84,12 +73,8 @@ def measure(args: list[str], env: dict[str, str] | None = None, timeout: float =
 
 def build_base(folder: Path, box: int, n_base: int) -> Path:
     """A small simulated data set whose images and poses are repeated to build the large ones."""
-    from numba_recon.sim.simulate import simulate_dataset
-
-    if not (folder / "particles.star").exists():
-        simulate_dataset(folder, n_particles=n_base, box_size=box, pixel_size_angstrom=3.0, snr=0.5, seed=1,
-                         particles_per_stack=n_base, max_shift_px=2.0, overwrite=True)
-    return folder / "particles.star"
+    return simulated(folder, n_particles=n_base, box_size=box, pixel_size_angstrom=3.0, snr=0.5, seed=1,
+                     particles_per_stack=n_base, max_shift_px=2.0)
 
 
 def build_large(base_star: Path, folder: Path, n: int) -> tuple[Path, int]:
@@ -130,17 +115,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--mmap-reads", action="store_true",
                         help="also run the largest size reading images through the memory map")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where to build the data sets and keep them (default: a temporary folder, removed)")
+    add_workdir_option(parser, "build the data sets and keep them")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
-
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="numba_recon_mem_"))
-    try:
-        run_all(args, work)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+    run_in_work_folder(parser, "numba_recon_mem_", run_all)
 
 
 def run_all(args: argparse.Namespace, work: Path) -> None:

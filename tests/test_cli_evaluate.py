@@ -9,19 +9,8 @@ from numba_recon.cli import main
 from numba_recon.io.mrc import read_volume, write_volume
 
 
-def blobs(n, count, sigma, radius, rng):
-    idx = np.arange(n) - n // 2
-    z, y, x = np.meshgrid(idx, idx, idx, indexing="ij")
-    v = np.zeros((n, n, n))
-    for _ in range(count):
-        p = rng.normal(size=3)
-        p *= radius * rng.random() ** (1 / 3) / np.linalg.norm(p)
-        v += np.exp(-((z - p[0]) ** 2 + (y - p[1]) ** 2 + (x - p[2]) ** 2) / (2 * sigma ** 2))
-    return v.astype(np.float32)
-
-
 @pytest.fixture(scope="module")
-def maps(tmp_path_factory):
+def maps(tmp_path_factory, blobs):
     """Half maps (box 48, 1.2 A/px), the truth, a mask, and a few bad files."""
     d = tmp_path_factory.mktemp("maps")
     gen = np.random.default_rng(21)
@@ -48,21 +37,13 @@ def run(runner, *args):
     return runner.invoke(main, [str(a) for a in args])
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("numba-recon: error:") and "\n" not in err and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
 def test_help_texts_have_examples(runner):
     for command in ("fsc", "mask", "postprocess", "lowpass"):
         result = run(runner, command, "--help")
         assert result.exit_code == 0 and "Example" in result.stdout, result.output
 
 
-def test_fsc_command(runner, maps, tmp_path):
+def test_fsc_command(runner, maps, tmp_path, assert_one_line_error):
     result = run(runner, "fsc", maps / "half1.mrc", maps / "half2.mrc", "-o", tmp_path / "fsc.csv",
                  "--plot", tmp_path / "fsc.png")
     assert result.exit_code == 0, result.output
@@ -91,7 +72,7 @@ def test_fsc_command(runner, maps, tmp_path):
     assert (tmp_path / "fsc.csv").read_bytes() != before  # masked FSC differs
 
 
-def test_fsc_bad_inputs(runner, maps):
+def test_fsc_bad_inputs(runner, maps, assert_one_line_error):
     h1 = maps / "half1.mrc"
     assert_one_line_error(run(runner, "fsc", h1, maps / "small.mrc"), "small.mrc", "box 40")
     assert_one_line_error(run(runner, "fsc", h1, maps / "other_angpix.mrc"), "other_angpix.mrc", "voxel size")
@@ -104,7 +85,7 @@ def test_fsc_bad_inputs(runner, maps):
                           "bad_mask.mrc", "[0, 1]")
 
 
-def test_mask_command(runner, maps, tmp_path):
+def test_mask_command(runner, maps, tmp_path, assert_one_line_error):
     out = tmp_path / "auto.mrc"
     result = run(runner, "mask", maps / "truth.mrc", "-o", out, "--threshold", "auto", "--extend", 2,
                  "--soft-edge", 4, "--lowpass", 10)
@@ -128,7 +109,7 @@ def test_mask_command(runner, maps, tmp_path):
     assert not (tmp_path / "x.mrc").exists()
 
 
-def test_lowpass_command(runner, maps, tmp_path):
+def test_lowpass_command(runner, maps, tmp_path, assert_one_line_error):
     out = tmp_path / "lp.mrc"
     result = run(runner, "lowpass", maps / "truth.mrc", "--resolution", 8, "-o", out)
     assert result.exit_code == 0, result.output
@@ -147,7 +128,7 @@ def test_lowpass_command(runner, maps, tmp_path):
     assert not (tmp_path / "y.mrc").exists()
 
 
-def test_postprocess_command(runner, maps, tmp_path):
+def test_postprocess_command(runner, maps, tmp_path, assert_one_line_error):
     out = tmp_path / "post"
     result = run(runner, "postprocess", maps / "half1.mrc", maps / "half2.mrc", "--mask", maps / "mask.mrc",
                  "-o", out)
@@ -181,7 +162,7 @@ def test_postprocess_command(runner, maps, tmp_path):
     (["half1.mrc", "missing.mrc"], ["missing.mrc", "not found"]),
     (["half1.mrc", "half1.mrc", "--mask", "mask.mrc"], ["never drops below 0.8"]),
 ])
-def test_postprocess_bad_inputs(runner, maps, tmp_path, args, fragments):
+def test_postprocess_bad_inputs(runner, maps, tmp_path, args, fragments, assert_one_line_error):
     out = tmp_path / "bad"
     resolved = [maps / a if a.endswith(".mrc") else a for a in args]
     assert_one_line_error(run(runner, "postprocess", *resolved, "-o", out), *fragments)

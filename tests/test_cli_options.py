@@ -78,6 +78,22 @@ def _written(out: Path) -> list[Path]:
     return sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
 
 
+def assert_refused(runner, inputs: dict[str, Path], tmp_path: Path, command: str, extra: list[str], fragment: str,
+                   base: list[str] | None = None) -> None:
+    """``command`` with ``base`` (default: its minimal valid arguments, ``BASE[command]``) and then
+    ``extra`` gives one clear error line naming ``fragment``, and writes nothing."""
+    out = tmp_path / OUT_NAME[command]
+    args = _args(BASE[command] if base is None else base, inputs, out)
+    result = runner.invoke(main, [*args, *extra])
+    assert_clear_error(result, fragment)
+    assert _written(out) == []
+
+
+def _without(command: str, option: str) -> list[str]:
+    """``BASE[command]`` from ``option`` on left out (an option the test gives itself)."""
+    return BASE[command][: BASE[command].index(option)]
+
+
 # command -> minimal valid arguments (``{out}`` is where it writes)
 BASE = {
     "run": ["run", "{star}", "-o", "{out}", "--epochs", "1", "--backend", "cpu"],
@@ -156,10 +172,7 @@ SIZES = [
 @pytest.mark.parametrize("command, extra, fragment", SIZES,
                          ids=[f"{c}{''.join(e)}" for c, e, _ in SIZES])
 def test_zero_and_negative_sizes(runner, inputs, tmp_path, command, extra, fragment):
-    out = tmp_path / OUT_NAME[command]
-    result = runner.invoke(main, [*_args(BASE[command], inputs, out), *extra])
-    assert_clear_error(result, fragment)
-    assert _written(out) == []
+    assert_refused(runner, inputs, tmp_path, command, extra, fragment)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,15 +188,11 @@ KEEP = [
 
 @pytest.mark.parametrize("command, value", KEEP, ids=[f"{c}:{v}" for c, v in KEEP])
 def test_keep_fraction_outside_zero_one(runner, inputs, tmp_path, command, value):
-    out = tmp_path / OUT_NAME[command]
-    args = _args(BASE[command], inputs, out)
     if command == "select":
-        args = args[: args.index("--keep-fraction")]
+        base = _without("select", "--keep-fraction")
     else:
-        args += ["--loss", "trimmed"]
-    result = runner.invoke(main, [*args, "--keep-fraction", value])
-    assert_clear_error(result, "--keep-fraction")
-    assert _written(out) == []
+        base = [*BASE[command], "--loss", "trimmed"]
+    assert_refused(runner, inputs, tmp_path, command, ["--keep-fraction", value], "--keep-fraction", base)
 
 
 def test_keep_fraction_one_keeps_everything(runner, inputs, tmp_path):
@@ -198,10 +207,7 @@ def test_keep_fraction_one_keeps_everything(runner, inputs, tmp_path):
 
 @pytest.mark.parametrize("group", ["X9", "C0", "D0", "I5", "C-3", "", "C1.5", "O2", "T3", "C 7"])
 def test_unknown_symmetry(runner, inputs, tmp_path, group):
-    out = tmp_path / "out"
-    result = runner.invoke(main, [*_args(BASE["run"], inputs, out), "--sym", group])
-    assert_clear_error(result, "symmetry")
-    assert _written(out) == []
+    assert_refused(runner, inputs, tmp_path, "run", ["--sym", group], "symmetry")
 
 
 def test_symmetry_names_are_case_insensitive():
@@ -243,15 +249,12 @@ NON_FINITE = [
 def test_non_finite_numbers_are_refused(runner, inputs, tmp_path, command, extra, fragment):
     """NaN and infinity slip through checks written as ``value <= 0``; they must be refused up front
     (not crash later, nor produce NaN maps)."""
-    out = tmp_path / OUT_NAME[command]
-    args = _args(BASE[command], inputs, out)
+    base = BASE[command]
     if command == "select":
-        args = args[: args.index("--keep-fraction")]
+        base = _without("select", "--keep-fraction")
     if command == "mask" and extra[0] == "--threshold":
-        args = args[: args.index("--threshold")]
-    result = runner.invoke(main, [*args, *extra])
-    assert_clear_error(result, fragment)
-    assert _written(out) == []
+        base = _without("mask", "--threshold")
+    assert_refused(runner, inputs, tmp_path, command, extra, fragment, base)
 
 
 def test_sharpening_that_overflows_is_refused_or_finite(runner, inputs, tmp_path):

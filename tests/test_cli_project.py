@@ -17,14 +17,6 @@ from numba_recon.io.mrc import read_volume, write_volume
 SNR = 1.0
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("numba-recon: error:") and "\n" not in err and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     """40 particles (box 32, 4 A/px, SNR 1), 10 of them pure-noise junk; the images as read by the
@@ -112,7 +104,8 @@ def bad_maps(sim, tmp_path_factory):
     ("garbage.mrc", None, ["garbage.mrc"]),
     (None, "missing.star", ["missing.star"]),
 ])
-def test_bad_inputs_one_line_exit_2(sim, bad_maps, runner, tmp_path, map_name, star_name, fragments):
+def test_bad_inputs_one_line_exit_2(sim, bad_maps, runner, tmp_path, map_name, star_name, fragments,
+                                    assert_one_line_error):
     d, _, _ = sim
     map_path = d / "truth.mrc" if map_name is None else bad_maps / map_name
     star = d / "particles.star" if star_name is None else tmp_path / star_name
@@ -122,7 +115,7 @@ def test_bad_inputs_one_line_exit_2(sim, bad_maps, runner, tmp_path, map_name, s
     assert not out.exists()
 
 
-def test_existing_output_needs_overwrite(sim, runner, tmp_path):
+def test_existing_output_needs_overwrite(sim, runner, tmp_path, assert_one_line_error):
     d, _, _ = sim
     out = tmp_path / "model.mrcs"
     out.write_bytes(b"keep")
@@ -134,7 +127,7 @@ def test_existing_output_needs_overwrite(sim, runner, tmp_path):
     assert mrcfile.read(out).shape == (2, 32, 32)
 
 
-def test_bad_first(sim, runner, tmp_path):
+def test_bad_first(sim, runner, tmp_path, assert_one_line_error):
     d, _, _ = sim
     res = runner.invoke(main, ["project", str(d / "truth.mrc"), "--star", str(d / "particles.star"),
                                "-o", str(tmp_path / "m.mrcs"), "--first", "0"])

@@ -15,7 +15,6 @@ import pytest
 
 from numba_recon import cpu
 from numba_recon.cpu import _support
-from numba_recon.ctf import ctf_images
 from numba_recon.geometry import euler_to_matrix, random_rotations
 
 
@@ -165,43 +164,17 @@ def test_row_ranges_match_the_sphere(n):
 
 # --- Fourier filter and residuals ---------------------------------------------------------------
 
-def _even_filters(rng, b, n):
-    """Random real filters with H(-k) = H(k) in numpy's fft2 layout."""
-    return _even_part(rng.standard_normal((b, n, n)))
-
-
-def _even_part(filters):
-    """``(H(k) + H(-k)) / 2``: an astigmatic CTF on an even grid is not even on its Nyquist lines."""
-    return (filters + np.roll(filters[:, ::-1, ::-1], 1, axis=(1, 2))) / 2
-
-
-def _ctfs(rng, b, n, pixel_size_angstrom=2.0):
-    """RELION CTFs of ``b`` random astigmatic particles, full ``fft2`` layout."""
-    params = {
-        "defocus_u_angstrom": rng.uniform(8000, 20000, b),
-        "defocus_v_angstrom": rng.uniform(8000, 20000, b),
-        "defocus_angle_deg": rng.uniform(0, 180, b),
-        "voltage_kv": np.full(b, 300.0),
-        "cs_mm": np.full(b, 2.7),
-        "amplitude_contrast": np.full(b, 0.1),
-        "phase_shift_deg": np.zeros(b),
-        "bfactor_angstrom2": np.zeros(b),
-        "scale": np.ones(b),
-    }
-    return ctf_images(params, n, pixel_size_angstrom, half=False, dtype=np.float64)
-
-
 @pytest.mark.parametrize(("backend", "dtype", "n"), [
     ("cpu", np.float64, 16), ("cpu", np.float64, 17), ("cpu", np.float32, 17), ("cuda", np.float32, 8),
 ], indirect=["backend"])
-def test_fourier_filter_matches_fft2(backend, dtype, n):
+def test_fourier_filter_matches_fft2(backend, dtype, n, even_part, random_ctfs):
     be = backend
     rng = np.random.default_rng(n)
     b = 2
     images = rng.standard_normal((b, n, n))
-    # raw CTFs too: not even on the Nyquist lines of an even box, which the contract's
-    # real(ifft2(...)) still defines
-    for filters in (_even_filters(rng, b, n), _ctfs(rng, b, n)):
+    # random real filters with H(-k) = H(k), and raw CTFs: not even on the Nyquist lines of an even
+    # box, which the contract's real(ifft2(...)) still defines
+    for filters in (even_part(rng.standard_normal((b, n, n))), random_ctfs(rng, b, n)):
         expected = np.real(np.fft.ifft2(filters * np.fft.fft2(images)))
         out = be.zeros((b, n, n), dtype)
         be.fourier_filter(be.to_device(images, dtype), be.to_device(filters, dtype), out)
@@ -213,11 +186,11 @@ def test_fourier_filter_matches_fft2(backend, dtype, n):
 @pytest.mark.parametrize(("backend", "dtype", "n"), [
     ("cpu", np.float64, 14), ("cpu", np.float32, 15), pytest.param("cuda", np.float32, 8, marks=pytest.mark.slow),
 ], indirect=["backend"])
-def test_forward_residual_matches_direct_computation(backend, dtype, n):
+def test_forward_residual_matches_direct_computation(backend, dtype, n, random_ctfs):
     """loss = ||H P x - b'||^2 and residual = H (H P x - b'), computed here with numpy FFTs.
 
     Both identities need ``filters2 = H^2`` to be the square of the filter H applies, so H is
-    made exactly even (see :func:`_even_part`).
+    made exactly even (see the ``even_part`` fixture).
     """
     be = backend
     rng = np.random.default_rng(3)
@@ -225,7 +198,7 @@ def test_forward_residual_matches_direct_computation(backend, dtype, n):
     radius = n // 2 - 1
     rotations = random_rotations(b, rng)
     x = rng.standard_normal((n, n, n))
-    h = _even_part(_ctfs(rng, b, n))
+    h = random_ctfs(rng, b, n, even=True)
     target = rng.standard_normal((b, n, n))  # b' = T^{-1} b
 
     def filt(img, f):
@@ -245,14 +218,14 @@ def test_forward_residual_matches_direct_computation(backend, dtype, n):
     np.testing.assert_allclose(be.to_host(resid), expected_resid, atol=tol * np.abs(expected_resid).max())
 
 
-def test_losses_are_summed_in_float64():
+def test_losses_are_summed_in_float64(random_ctfs):
     """float32 images, float64 sums: the loss equals the float64 evaluation of its formula on the
     same float32 arrays to 1e-12 of its terms (float32 sums would be off by about 1e-6)."""
     n, b = 24, 2
     rng = np.random.default_rng(5)
     rotations = random_rotations(b, rng)
     x = rng.standard_normal((n, n, n)).astype(np.float32)
-    filters2 = (_ctfs(rng, b, n) ** 2).astype(np.float32)
+    filters2 = (random_ctfs(rng, b, n) ** 2).astype(np.float32)
     data = rng.standard_normal((b, n, n)).astype(np.float32)
     norm2 = rng.random(b) * 1e3
     resid = np.zeros((b, n, n), np.float32)
@@ -270,7 +243,7 @@ def test_losses_are_summed_in_float64():
 
 # --- determinism and argument checks ------------------------------------------------------------
 
-def test_results_do_not_depend_on_thread_count():
+def test_results_do_not_depend_on_thread_count(random_ctfs):
     threads = numba.config.NUMBA_NUM_THREADS
     if threads < 2:
         pytest.skip("needs NUMBA_NUM_THREADS >= 2 to compare thread counts")
@@ -279,7 +252,7 @@ def test_results_do_not_depend_on_thread_count():
     rotations = random_rotations(b, rng).astype(np.float32)
     x = rng.standard_normal((n, n, n)).astype(np.float32)
     images = rng.standard_normal((b, n, n)).astype(np.float32)
-    filters2 = np.abs(_ctfs(rng, b, n)).astype(np.float32) ** 2
+    filters2 = np.abs(random_ctfs(rng, b, n)).astype(np.float32) ** 2
     norm2 = rng.random(b)
     weights = rng.random(b)
 

@@ -3,46 +3,24 @@
 The simulator does no type inference, so this is the check that the kernels compile for a real
 GPU at all. It needs libNVVM (numba-cuda's cu12/cu13 extras) but no GPU, and it must run without
 ``NUMBA_ENABLE_CUDASIM`` (which conftest sets for this process): hence one subprocess for the
-whole module. Skipped, with the reason, when libNVVM is missing.
+whole module (conftest's ``compile_only``). Skipped, with the reason, when libNVVM is missing.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from numba_recon.cuda import compile_check
 
-_SCRIPT = """
-import json, sys
-try:
-    from numba.cuda.cudadrv.error import NvvmSupportError
-except ImportError:
-    NvvmSupportError = ()
-from numba_recon.cuda import _target
+_REPORT = """
 from numba_recon.cuda.compile_check import compile_all, compile_report
-if _target.SIMULATOR:
-    print("simulator is active in the subprocess"); sys.exit(4)
-try:
-    result = {"sm90": compile_report((9, 0)), "sm90_chars": compile_all((9, 0)), "sm80_chars": compile_all((8, 0))}
-except NvvmSupportError as err:
-    print("libNVVM is missing:", err); sys.exit(3)
-print(json.dumps(result))
+return {"sm90": compile_report((9, 0)), "sm90_chars": compile_all((9, 0)), "sm80_chars": compile_all((8, 0))}
 """
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode == 3:
-        pytest.skip(f"compile-only checks need libNVVM: {proc.stdout.strip()}")
-    assert proc.returncode == 0, f"compilation failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def compiled(compile_only) -> dict:
+    return compile_only(_REPORT)
 
 
 @pytest.mark.slow
@@ -77,34 +55,16 @@ def test_projector_splats_through_shared_memory_and_backprojector_gathers(compil
     assert report["backproject"]["global_atomics"] == 0  # a gather: no atomics at all
 
 
-_PREAMBLE_SCRIPT = """
-import json, sys
-try:
-    from numba.cuda.cudadrv.error import NvvmSupportError
-except ImportError:
-    NvvmSupportError = ()
-from numba_recon.cuda import _target
+_PREAMBLE_PTX = """
 from numba_recon.cuda.device_check import _add_one_kernel
-if _target.SIMULATOR:
-    print("simulator is active in the subprocess"); sys.exit(4)
-try:
-    ptx = {f"sm{a}{b}": _target.cuda.compile_ptx(_add_one_kernel.py_func, "void(float32[::1])", cc=(a, b))[0]
-           for a, b in ((9, 0), (8, 0))}
-except NvvmSupportError as err:
-    print("libNVVM is missing:", err); sys.exit(3)
-print(json.dumps(ptx))
+return {f"sm{a}{b}": _target.cuda.compile_ptx(_add_one_kernel.py_func, "void(float32[::1])", cc=(a, b))[0]
+        for a, b in ((9, 0), (8, 0))}
 """
 
 
-def test_device_check_preamble_kernel_compiles():
+def test_device_check_preamble_kernel_compiles(compile_only):
     """The preamble's add-one kernel (the first kernel a GPU node runs) compiles for sm_90 and sm_80."""
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    proc = subprocess.run([sys.executable, "-c", _PREAMBLE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode == 3:
-        pytest.skip(f"compile-only checks need libNVVM: {proc.stdout.strip()}")
-    assert proc.returncode == 0, f"compilation failed:\n{proc.stdout}\n{proc.stderr}"
-    ptx = json.loads(proc.stdout.strip().splitlines()[-1])
+    ptx = compile_only(_PREAMBLE_PTX)
     for target in ("sm90", "sm80"):
         text = ptx[target]
         assert ".entry" in text and ("add.f32" in text or "add.rn.f32" in text), target

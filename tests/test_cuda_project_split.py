@@ -13,9 +13,6 @@ stay at 8-12 and batches at most 33.
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -36,7 +33,7 @@ simulator_only = pytest.mark.skipif(not _target.SIMULATOR, reason="inspects the 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _cuda_backend(make_backend):
+def _cuda_backend(make_backend, fast_thread_switching):
     import importlib
 
     project_module = importlib.import_module("numba_recon.cuda.project")  # the package exports a function of that name
@@ -44,12 +41,7 @@ def _cuda_backend(make_backend):
     # the simulator emulates the warp intrinsics only when asked: these tests check the aggregation
     emulated = project_module.SIMULATE_WARPS
     project_module.SIMULATE_WARPS = True
-    # The simulator's threads meet at barriers; a short GIL switch interval makes them several
-    # times faster and changes nothing else.
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(5e-4)
     yield
-    sys.setswitchinterval(old)
     project_module.SIMULATE_WARPS = emulated
 
 
@@ -303,50 +295,31 @@ def test_lanes_on_the_same_pixel_make_one_shared_add(monkeypatch):
 # ------------------------------------------------------------------------------------------
 # compile-only: the warp intrinsics reach the PTX for sm_90 and sm_80
 
-_PTX_SCRIPT = """
-import json, re, sys
-try:
-    from numba.cuda.cudadrv.error import NvvmSupportError
-except ImportError:
-    NvvmSupportError = ()
-from numba_recon.cuda import _target
+_PTX_COUNTS = """
 from numba_recon.cuda.compile_check import KERNELS
-if _target.SIMULATOR:
-    print("simulator is active in the subprocess"); sys.exit(4)
 kernel, signature, fastmath = KERNELS["project"]
 counts = {}
-try:
-    for cc in ((9, 0), (8, 0)):
-        ptx, _ = _target.cuda.compile_ptx(kernel.py_func, signature, cc=cc, fastmath=fastmath,
-                                          launch_bounds=kernel.targetoptions.get("launch_bounds"))
-        counts[f"sm{cc[0]}{cc[1]}"] = {
-            "shared_adds": len(re.findall(r"\\b(?:atom|red)\\.shared\\.add\\.f32\\b", ptx)),
-            "match": len(re.findall(r"\\bmatch\\.any\\.sync\\.b32\\b", ptx)),
-            "vote_any": len(re.findall(r"\\bvote\\.sync\\.any\\.pred\\b", ptx)),
-            "warp_sync": len(re.findall(r"\\bbar\\.warp\\.sync\\b", ptx)),
-            "shfl": len(re.findall(r"\\bshfl\\.", ptx)),
-            "f64": len(re.findall(r"\\.f64\\b", ptx)),
-            "local": len(re.findall(r"\\.local\\b", ptx)),
-            "maxntid": bool(re.search(r"\\.maxntid\\s+512", ptx)),
-            "minnctapersm": bool(re.search(r"\\.minnctapersm\\s+2", ptx)),
-        }
-except NvvmSupportError as err:
-    print("libNVVM is missing:", err); sys.exit(3)
-print(json.dumps(counts))
+for cc in ((9, 0), (8, 0)):
+    ptx, _ = _target.cuda.compile_ptx(kernel.py_func, signature, cc=cc, fastmath=fastmath,
+                                      launch_bounds=kernel.targetoptions.get("launch_bounds"))
+    counts[f"sm{cc[0]}{cc[1]}"] = {
+        "shared_adds": len(re.findall(r"\\b(?:atom|red)\\.shared\\.add\\.f32\\b", ptx)),
+        "match": len(re.findall(r"\\bmatch\\.any\\.sync\\.b32\\b", ptx)),
+        "vote_any": len(re.findall(r"\\bvote\\.sync\\.any\\.pred\\b", ptx)),
+        "warp_sync": len(re.findall(r"\\bbar\\.warp\\.sync\\b", ptx)),
+        "shfl": len(re.findall(r"\\bshfl\\.", ptx)),
+        "f64": len(re.findall(r"\\.f64\\b", ptx)),
+        "local": len(re.findall(r"\\.local\\b", ptx)),
+        "maxntid": bool(re.search(r"\\.maxntid\\s+512", ptx)),
+        "minnctapersm": bool(re.search(r"\\.minnctapersm\\s+2", ptx)),
+    }
+return counts
 """
 
 
 @pytest.mark.slow
-def test_project_kernel_compiles_with_warp_aggregation():
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    proc = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode == 3:
-        pytest.skip(f"compile-only checks need libNVVM: {proc.stdout.strip()}")
-    assert proc.returncode == 0, f"compilation failed:\n{proc.stdout}\n{proc.stderr}"
-    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_project_kernel_compiles_with_warp_aggregation(compile_only):
+    counts = compile_only(_PTX_COUNTS)
     for target, c in counts.items():
         # the four corner adds exist once, after the leader's sum; no float64, nothing spilled
         assert c["shared_adds"] == 4, (target, c)

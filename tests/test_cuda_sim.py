@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +21,16 @@ from numba_recon import cuda as nc  # noqa: E402
 from numba_recon.cuda import _target, device_check, fourier, memory  # noqa: E402
 from numba_recon.geometry import euler_to_matrix, random_rotations  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not _target.SIMULATOR,
-    reason="needs the CUDA simulator: NUMBA_ENABLE_CUDASIM=1 was not in effect when numba.cuda was imported")
+pytestmark = [
+    pytest.mark.skipif(
+        not _target.SIMULATOR,
+        reason="needs the CUDA simulator: NUMBA_ENABLE_CUDASIM=1 was not in effect when numba.cuda was imported"),
+    # the simulator runs one OS thread per CUDA thread; they meet at barriers (see conftest)
+    pytest.mark.usefixtures("fast_thread_switching"),
+]
 
 RTOL = 1e-5  # float32 kernels against float64 gold, relative to the largest gold value
 DOT_RTOL = 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_thread_switching():
-    # The simulator blocks CUDA threads on barriers; with Python's default 5 ms GIL switch interval
-    # a block of a few hundred threads spends most of its time waiting. 0.5 ms makes the tests
-    # several times faster and changes nothing else.
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(5e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 # ------------------------------------------------------------------------------------------

@@ -263,16 +263,23 @@ def test_kill_during_a_checkpoint_write_after_a_resume(interrupted, reference, t
 # damaged checkpoints, through the command line
 # --------------------------------------------------------------------------------------------
 
+def _assert_resumes_to_the_reference(cli, out: Path, reference: dict, *said: str) -> None:
+    """``run --resume OUT`` succeeds, its log says every phrase of ``said``, and the result is the
+    uninterrupted reference run's."""
+    res = cli(["run", "--resume", str(out)])
+    assert res.returncode == 0, res.stderr
+    for phrase in said:
+        assert phrase in res.stderr, (phrase, res.stderr)
+    assert_same_result(out, reference["out"])
+
+
 @pytest.mark.slow
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(interrupted, reference, tmp_path, cli):
     out = _copy(interrupted, tmp_path)
     newest = out / "checkpoints" / "ckpt_e0006.h5"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    res = cli(["run", "--resume", str(out)])
-    assert res.returncode == 0, res.stderr
-    assert "skipping damaged checkpoint" in res.stderr and "ckpt_e0006.h5" in res.stderr
-    assert "resuming from epoch 5" in res.stderr
-    assert_same_result(out, reference["out"])
+    _assert_resumes_to_the_reference(cli, out, reference, "skipping damaged checkpoint", "ckpt_e0006.h5",
+                                     "resuming from epoch 5")
 
 
 @pytest.mark.slow
@@ -285,22 +292,15 @@ def test_silent_corruption_is_caught_by_the_checksums(interrupted, reference, tm
         v = h5["arrays/cg_r"][...]
         v[0, 12, 12, 12] *= 4.0
         h5["arrays/cg_r"][...] = v
-    res = cli(["run", "--resume", str(out)])
-    assert res.returncode == 0, res.stderr
-    assert "checksum mismatch" in res.stderr and "cg_r" in res.stderr
-    assert "resuming from epoch 5" in res.stderr
-    assert_same_result(out, reference["out"])
+    _assert_resumes_to_the_reference(cli, out, reference, "checksum mismatch", "cg_r", "resuming from epoch 5")
 
 
 @pytest.mark.slow
 def test_damaged_latest_json_scans_for_the_newest_checkpoint(interrupted, reference, tmp_path, cli):
     out = _copy(interrupted, tmp_path)
     (out / "checkpoints" / "latest.json").write_text('{"checkpoint": "ckpt_e00')
-    res = cli(["run", "--resume", str(out)])
-    assert res.returncode == 0, res.stderr
-    assert "latest.json is missing or damaged" in res.stderr
-    assert "resuming from epoch 6" in res.stderr
-    assert_same_result(out, reference["out"])
+    _assert_resumes_to_the_reference(cli, out, reference, "latest.json is missing or damaged",
+                                     "resuming from epoch 6")
 
 
 @pytest.mark.slow

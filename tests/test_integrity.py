@@ -20,19 +20,9 @@ NYQUIST = 2 * ANGPIX
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from numba_recon.sim.simulate import simulate_dataset
-
-    path = tmp_path_factory.mktemp("integrity") / "data"
-    simulate_dataset(path, n_particles=1200, box_size=BOX, pixel_size_angstrom=ANGPIX, snr=0.05, max_shift_px=2.0,
-                     seed=11, particles_per_stack=400)
-    return path
-
-
-def _run(runner, star: Path, out: Path, *extra: str) -> dict:
-    res = runner.invoke(main, ["-q", "run", str(star), "-o", str(out), "--backend", "cpu", *extra])
-    assert res.exit_code == 0, res.output
-    return json.loads((out / "summary.json").read_text())
+def data(sim_box32) -> Path:
+    """The shared data set (box 32, 3 A/px, SNR 0.05), read only: the tests that change it copy it."""
+    return sim_box32
 
 
 def _run_logged(runner, star: Path, out: Path, *extra: str) -> tuple[dict, str]:
@@ -67,11 +57,9 @@ def _copy_with_stacks(data: Path, dest: Path, change) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clean_run(data, tmp_path_factory):
-    from click.testing import CliRunner
-
+def clean_run(data, tmp_path_factory, run_summary):
     out = tmp_path_factory.mktemp("runs") / "clean"
-    return out, _run(CliRunner(), data / "particles.star", out)
+    return out, run_summary(data / "particles.star", out)
 
 
 @pytest.mark.slow
@@ -139,7 +127,7 @@ def test_background_statistics_match_a_direct_computation(data):
 
 
 @pytest.mark.slow
-def test_a_noise_start_map_does_not_inflate_the_resolution(data, tmp_path, runner):
+def test_a_noise_start_map_does_not_inflate_the_resolution(data, tmp_path, run_summary):
     """--initial-map shares the start map between the halves: a white-noise start map (before:
     Nyquist on data worth ~9 A) is low-passed at --initial-lowpass and cannot beat the runs without
     a start map."""
@@ -148,18 +136,18 @@ def test_a_noise_start_map_does_not_inflate_the_resolution(data, tmp_path, runne
     noise = tmp_path / "noise.mrc"
     write_volume(noise, np.random.default_rng(1).normal(size=(BOX,) * 3).astype(np.float32) * 0.5, ANGPIX)
     common = ("--optimizer", "adam", "--epochs", "12")
-    plain = [_run(runner, data / "particles.star", tmp_path / f"plain{s}", *common, "--seed", str(s))
+    plain = [run_summary(data / "particles.star", tmp_path / f"plain{s}", *common, "--seed", str(s))
              ["resolution_angstrom"] for s in (0, 1)]
-    started = _run(runner, data / "particles.star", tmp_path / "started", *common, "--initial-map", str(noise))
+    started = run_summary(data / "particles.star", tmp_path / "started", *common, "--initial-map", str(noise))
     assert started["resolution_angstrom"] >= 0.95 * min(plain)
     # without the filter (a low-pass at Nyquist) the shared noise is what the FSC measured
-    unfiltered = _run(runner, data / "particles.star", tmp_path / "unfiltered", *common, "--initial-map", str(noise),
-                      "--initial-lowpass", str(NYQUIST))
+    unfiltered = run_summary(data / "particles.star", tmp_path / "unfiltered", *common, "--initial-map", str(noise),
+                             "--initial-lowpass", str(NYQUIST))
     assert unfiltered["resolution_angstrom"] < 0.9 * min(plain)
 
 
 @pytest.mark.slow
-def test_adam_from_a_strong_noise_start_map_reports_what_the_map_has(data, tmp_path, runner):
+def test_adam_from_a_strong_noise_start_map_reports_what_the_map_has(data, tmp_path, run_summary):
     """A white-noise start map at 3 times the map's standard deviation, 5 adam epochs. With one
     Adam second moment per voxel the divisor came from the shared start map's misfit and carried it
     to every frequency (12 A reported, 19 A against the truth); with one per half the step is linear
@@ -172,8 +160,8 @@ def test_adam_from_a_strong_noise_start_map_reports_what_the_map_has(data, tmp_p
     scale = 3 * float(truth.std())
     write_volume(noise, np.random.default_rng(3).normal(size=(BOX,) * 3).astype(np.float32) * scale, ANGPIX)
     out = tmp_path / "started"
-    reported = _run(runner, data / "particles.star", out, "--optimizer", "adam", "--epochs", "5", "--initial-map",
-                    str(noise))["resolution_angstrom"]
+    reported = run_summary(data / "particles.star", out, "--optimizer", "adam", "--epochs", "5", "--initial-map",
+                           str(noise))["resolution_angstrom"]
     average, _ = read_volume(out / "run_class001.mrc")
     curve = np.array(fsc(average, truth))
     curve[:int(round(BOX * ANGPIX / 60.0)) + 2] = 1.0  # the shells the 60 A low-pass leaves shared

@@ -26,19 +26,14 @@ A_10_20_30 = np.array([[0.71461, 0.633718, -0.296198], [-0.613092, 0.771281, 0.1
                        [0.336824, 0.059391, 0.939693]])
 
 
-def _optics(box: int = 16, pixel_size: float = 1.5, extra: str = "") -> str:
-    return f"""
-data_optics
-
-loop_
-_rlnOpticsGroup
-_rlnAmplitudeContrast
-_rlnSphericalAberration
-_rlnVoltage
-_rlnImagePixelSize
-_rlnImageSize{extra and chr(10) + extra.splitlines()[0]}
-1 0.1 2.7 300.0 {pixel_size} {box}{extra and ' ' + extra.splitlines()[1]}
-"""
+def _optics(box: int | None = 16, pixel_sizes: tuple[float, ...] = (1.5,)) -> str:
+    """A data_optics block, one optics group per pixel size (300 kV, Cs 2.7 mm, amplitude contrast
+    0.1); ``box=None`` leaves out rlnImageSize."""
+    labels = ["rlnOpticsGroup", "rlnAmplitudeContrast", "rlnSphericalAberration", "rlnVoltage", "rlnImagePixelSize"]
+    labels += [] if box is None else ["rlnImageSize"]
+    rows = [f"{group} 0.1 2.7 300.0 {size}" + ("" if box is None else f" {box}")
+            for group, size in enumerate(pixel_sizes, 1)]
+    return "\ndata_optics\n\nloop_\n" + "".join(f"_{label}\n" for label in labels) + "".join(r + "\n" for r in rows)
 
 
 def _particles(labels: list[str], rows: list[str]) -> str:
@@ -176,20 +171,8 @@ def test_class_selection_skips_checks_of_other_classes(tmp_path):
 
 
 def test_different_pixel_sizes_are_refused(tmp_path):
-    optics = """
-data_optics
-
-loop_
-_rlnOpticsGroup
-_rlnAmplitudeContrast
-_rlnSphericalAberration
-_rlnVoltage
-_rlnImagePixelSize
-1 0.1 2.7 300.0 1.5
-2 0.1 2.7 300.0 1.06
-"""
     rows = [f"1@{STACK_A} 30 60 90 15000 1", f"2@{STACK_A} 30 60 90 15000 2"]
-    path = _write(tmp_path, optics + _particles(BASIC, rows))
+    path = _write(tmp_path, _optics(box=None, pixel_sizes=(1.5, 1.06)) + _particles(BASIC, rows))
     with pytest.raises(InputFileError, match=r"different pixel sizes: 1.5 A \(optics group 1\), 1.06 A"):
         read_star(path)
     assert read_star(path, angpix=1.5).pixel_size_angstrom == 1.5
@@ -290,8 +273,7 @@ def test_stacks_of_different_box_sizes_are_refused(tmp_path):
     with mrcfile.new(tmp_path / "big.mrcs") as mrc:
         mrc.set_data(np.zeros((1, 32, 32), dtype=np.float32))
     rows = [f"1@{STACK_A} 30 60 90 15000 1", "1@big.mrcs 30 60 90 15000 1"]
-    text = _optics().replace(" 16\n", "\n").replace("_rlnImageSize\n", "")
-    path = _write(tmp_path, text + _particles(BASIC, rows))
+    path = _write(tmp_path, _optics(box=None) + _particles(BASIC, rows))
     with pytest.raises(InputFileError, match="stacks have different box sizes: 16 px"):
         read_star(path)
 

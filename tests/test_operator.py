@@ -8,33 +8,11 @@ import pytest
 
 from numba_recon import adjoint, forward
 from numba_recon.backend import get_backend
-from numba_recon.ctf import ctf_images
 from numba_recon.geometry import random_rotations
 
-
-
-
-
-
-def _ctfs(rng, b, n, pixel_size_angstrom=2.0):
-    """Even part of the RELION CTFs of ``b`` random astigmatic particles (full ``fft2`` layout).
-
-    On an even grid an astigmatic CTF differs between a Nyquist frequency and its alias; the even
-    part makes ``filters2 = H^2`` exactly the square of the filter that ``H`` applies.
-    """
-    params = {
-        "defocus_u_angstrom": rng.uniform(8000, 20000, b),
-        "defocus_v_angstrom": rng.uniform(8000, 20000, b),
-        "defocus_angle_deg": rng.uniform(0, 180, b),
-        "voltage_kv": np.full(b, 300.0),
-        "cs_mm": np.full(b, 2.7),
-        "amplitude_contrast": np.full(b, 0.1),
-        "phase_shift_deg": np.zeros(b),
-        "bfactor_angstrom2": np.full(b, 20.0),
-        "scale": np.ones(b),
-    }
-    h = ctf_images(params, n, pixel_size_angstrom, half=False, dtype=np.float64)
-    return (h + np.roll(h[:, ::-1, ::-1], 1, axis=(1, 2))) / 2
+#: the CTFs of these tests: B-factor 20 A^2, and their even part, so that ``filters2 = H^2`` is exactly
+#: the square of the filter that ``H`` applies (see conftest's ``even_part`` and ``random_ctfs``)
+CTF = {"bfactor_angstrom2": 20.0, "even": True}
 
 
 def _tol(dtype) -> float:
@@ -53,13 +31,13 @@ def test_default_radius():
     ("cpu", np.float64, 16), ("cpu", np.float64, 17), ("cpu", np.float32, 16), ("cpu", np.float32, 17),
     ("cuda", np.float32, 8),
 ], indirect=["backend"])
-def test_ctf_operator_dot_test(backend, dtype, n):
+def test_ctf_operator_dot_test(backend, dtype, n, random_ctfs):
     """<H P x, y> = <x, (H P)^T y> with real CTFs and random rotations."""
     be = backend
     rng = np.random.default_rng(n + 100)
     b = 2 if be.name == "cuda" else 4
     rotations = random_rotations(b, rng)
-    h = _ctfs(rng, b, n)
+    h = random_ctfs(rng, b, n, **CTF)
     x = rng.standard_normal((n, n, n))
     y = rng.standard_normal((b, n, n))
     # backend arrays in (host arrays in: the gradient-path test below)
@@ -75,7 +53,7 @@ def test_ctf_operator_dot_test(backend, dtype, n):
     ("cpu", np.float64, 14), ("cpu", np.float64, 15), ("cpu", np.float32, 14), ("cpu", np.float32, 15),
     pytest.param("cuda", np.float32, 8, marks=pytest.mark.slow),
 ], indirect=["backend"])
-def test_gradient_path_is_twice_the_adjoint_of_the_residual(backend, dtype, n):
+def test_gradient_path_is_twice_the_adjoint_of_the_residual(backend, dtype, n, random_ctfs):
     """forward_residual + weighted_backproject give loss_b = ||H_b P_b x - b'_b||^2 and
     grad = 2 sum_b w_b (H_b P_b)^T (H_b P_b x - b'_b), checked through <grad, y> for a random y."""
     be = backend
@@ -83,7 +61,7 @@ def test_gradient_path_is_twice_the_adjoint_of_the_residual(backend, dtype, n):
     b = 2 if be.name == "cuda" else 4
     radius = forward.default_radius_px(n)
     rotations = random_rotations(b, rng)
-    h = _ctfs(rng, b, n)
+    h = random_ctfs(rng, b, n, **CTF)
     x = rng.standard_normal((n, n, n))
     target = rng.standard_normal((b, n, n))  # b' = T^{-1} b
     weights = rng.uniform(0.2, 2.0, b)
@@ -106,14 +84,14 @@ def test_gradient_path_is_twice_the_adjoint_of_the_residual(backend, dtype, n):
     assert abs(lhs - rhs) <= _tol(dtype) * abs(rhs)
 
 
-def test_gradient_matches_finite_differences():
+def test_gradient_matches_finite_differences(random_ctfs):
     """<grad L, d> = (L(x + e d) - L(x - e d)) / (2 e) for L(x) = sum_b w_b loss_b(x), float64."""
     be = get_backend("cpu")
     rng = np.random.default_rng(7)
     n, b = 10, 3
     radius = forward.default_radius_px(n)
     rotations = random_rotations(b, rng)
-    h = _ctfs(rng, b, n)
+    h = random_ctfs(rng, b, n, **CTF)
     target = rng.standard_normal((b, n, n))
     data = np.ascontiguousarray(np.real(np.fft.ifft2(h * np.fft.fft2(target))))
     norm2 = (target**2).sum(axis=(1, 2))
@@ -163,7 +141,7 @@ def test_gaussian_blob_projects_to_its_analytic_projection():
         assert np.linalg.norm(img - analytic) / np.linalg.norm(analytic) < 0.04
 
 
-def test_model_images_batches_and_plain_projection():
+def test_model_images_batches_and_plain_projection(random_ctfs):
     be = get_backend("cpu")
     rng = np.random.default_rng(9)
     n, b = 12, 5
@@ -175,7 +153,7 @@ def test_model_images_batches_and_plain_projection():
     direct = np.zeros((b, n, n), np.float32)
     be.project(x, be.to_device(rotations), 4.0, direct)
     np.testing.assert_array_equal(whole, direct)
-    h = _ctfs(rng, b, n)
+    h = random_ctfs(rng, b, n, **CTF)
     y = rng.standard_normal((b, n, n)).astype(np.float32)
     np.testing.assert_array_equal(adjoint.backproject_filtered(be, y, rotations, h, batch_size=2),
                                   adjoint.backproject_filtered(be, y, rotations, h, batch_size=5))

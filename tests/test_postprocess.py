@@ -22,18 +22,6 @@ def transfer(out):
     return np.fft.rfftn(out.astype(np.float64)).real
 
 
-def blobs(n, count, sigma, radius, rng):
-    """Sum of Gaussian blobs inside a sphere: a smooth particle whose spectrum decays with frequency."""
-    idx = np.arange(n) - n // 2
-    z, y, x = np.meshgrid(idx, idx, idx, indexing="ij")
-    v = np.zeros((n, n, n))
-    for _ in range(count):
-        p = rng.normal(size=3)
-        p *= radius * rng.random() ** (1 / 3) / np.linalg.norm(p)
-        v += np.exp(-((z - p[0]) ** 2 + (y - p[1]) ** 2 + (x - p[2]) ** 2) / (2 * sigma ** 2))
-    return v.astype(np.float32)
-
-
 def white_map(n, rng, count=3000):
     """Many single-voxel points: a flat ('white') spectrum, so B = 0 by construction."""
     v = np.zeros((n, n, n), np.float32)
@@ -114,7 +102,7 @@ def test_fsc_weighting_zero_from_first_tiny_shell():
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def particle():
+def particle(blobs):
     gen = np.random.default_rng(7)
     truth = blobs(64, 60, 1.2, 14, gen)
     mask = create_mask(lowpass(truth, 10.0, 1.0), 0.02 * float(truth.max()), 4, 8)
@@ -146,7 +134,7 @@ def test_corrected_fsc_matches_half_map_fsc_against_truth(particle):
     assert np.max(np.abs(unmasked - reference)[1:shell + 1]) > 0.2
 
 
-def test_phase_randomisation_removes_mask_correlation():
+def test_phase_randomisation_removes_mask_correlation(blobs):
     """A band-limited particle (no signal beyond shell 8) in a tight binary mask: the mask edge puts
     the same high-frequency content into both masked half maps (masked FSC stays high); the
     phase-randomised correction brings the FSC back to about 0 from randomize_at + 2."""

@@ -10,10 +10,6 @@ come from float32 DFTs and float32 sin/exp against the host's float64 CTF.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +30,7 @@ NORM_RTOL = 1e-5
 NOISE_RTOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_thread_switching():
-    # the simulator blocks CUDA threads on barriers; a shorter GIL switch interval only makes it faster
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(5e-4)
-    yield
-    sys.setswitchinterval(old)
+pytestmark = pytest.mark.usefixtures("fast_thread_switching")  # the simulator's threads meet at barriers
 
 
 def _simulate(path: Path, n: int, box: int) -> Path:
@@ -298,39 +288,22 @@ def test_device_refuses_host_arrays(make_backend):
 # ------------------------------------------------------------------------------------------
 # compile-only: the kernels build for a real GPU (no simulator in the subprocess)
 
-_COMPILE_SCRIPT = """
-import json, re, sys
-try:
-    from numba.cuda.cudadrv.error import NvvmSupportError
-except ImportError:
-    NvvmSupportError = ()
-from numba_recon.cuda import _target
-from numba_recon.cuda.compile_check import KERNELS, _F64_OP, _compile
-if _target.SIMULATOR:
-    print("simulator is active in the subprocess"); sys.exit(4)
+_PREPARE_REPORT = """
+from numba_recon.cuda.compile_check import _F64_OP, _compile
 out = {}
-try:
-    for name in ("prepare_background", "prepare_spectrum"):
-        for cc in ((9, 0), (8, 0)):
-            ptx = _compile(name, cc)
-            local = sum(int(m) for m in re.findall(r"\\.local\\s+\\.align\\s+\\d+\\s+\\.b8\\s+\\S+\\[(\\d+)\\]", ptx))
-            out[f"{name}/sm{cc[0]}{cc[1]}"] = {"chars": len(ptx), "f64_ops": len(_F64_OP.findall(ptx)),
-                                               "local_bytes": local, "sin_approx": "sin.approx" in ptx}
-except NvvmSupportError as err:
-    print("libNVVM is missing:", err); sys.exit(3)
-print(json.dumps(out))
+for name in ("prepare_background", "prepare_spectrum"):
+    for cc in ((9, 0), (8, 0)):
+        ptx = _compile(name, cc)
+        local = sum(int(m) for m in re.findall(r"\\.local\\s+\\.align\\s+\\d+\\s+\\.b8\\s+\\S+\\[(\\d+)\\]", ptx))
+        out[f"{name}/sm{cc[0]}{cc[1]}"] = {"chars": len(ptx), "f64_ops": len(_F64_OP.findall(ptx)),
+                                           "local_bytes": local, "sin_approx": "sin.approx" in ptx}
+return out
 """
 
 
 @pytest.mark.slow
-def test_prepare_kernels_compile_for_hopper_and_ampere():
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode == 3:
-        pytest.skip(f"compile-only checks need libNVVM: {proc.stdout.strip()}")
-    assert proc.returncode == 0, f"compilation failed:\n{proc.stdout}\n{proc.stderr}"
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_prepare_kernels_compile_for_hopper_and_ampere(compile_only):
+    report = compile_only(_PREPARE_REPORT)
     assert len(report) == 4 and all(r["chars"] > 1000 for r in report.values()), report
     # the reductions are float64 by design; the background pass keeps its state in registers
     assert report["prepare_background/sm90"]["f64_ops"] > 0

@@ -24,13 +24,9 @@ N_PARTICLES = 160
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from numba_recon.sim.simulate import simulate_dataset
-
-    path = tmp_path_factory.mktemp("prepare-on") / "data"
-    simulate_dataset(path, n_particles=N_PARTICLES, box_size=BOX, pixel_size_angstrom=4.0, snr=0.3, max_shift_px=2.0,
-                     seed=9, particles_per_stack=60)
-    return path
+def data(simulate) -> Path:
+    return simulate(n_particles=N_PARTICLES, box_size=BOX, pixel_size_angstrom=4.0, snr=0.3, max_shift_px=2.0, seed=9,
+                    particles_per_stack=60)
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,6 @@ BOX = 24
 ANGPIX = 4.0
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("numba-recon: error:") and "\n" not in err and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """600 D7 particles (box 24, 4 A/px, SNR 0.05) and a soft mask made from the truth."""
@@ -130,7 +122,7 @@ def test_validate_mask_accepts_a_good_mask(data):
     assert mask.shape == (BOX,) * 3 and mask.dtype == np.float32 and 0 <= mask.min() and mask.max() <= 1
 
 
-def test_run_refuses_a_wrong_mask_before_reconstructing(data, tmp_path, runner):
+def test_run_refuses_a_wrong_mask_before_reconstructing(data, tmp_path, runner, assert_one_line_error):
     out = tmp_path / "run"
     res = runner.invoke(main, ["-q", "run", str(data / "data" / "particles.star"), "-o", str(out), "--epochs", "2",
                                "--backend", "cpu", "--mask", str(data / "mask_box20.mrc")])
@@ -196,7 +188,7 @@ def test_report_command_redraws_the_plots(run_dir, runner, tmp_path):
     assert len(_embedded_pngs(page)) == len(FIGURES)
 
 
-def test_report_command_bad_inputs(runner, tmp_path):
+def test_report_command_bad_inputs(runner, tmp_path, assert_one_line_error):
     assert_one_line_error(runner.invoke(main, ["report", str(tmp_path / "nope")]), "no such run folder")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(runner.invoke(main, ["report", str(tmp_path / "empty")]), "no summary.json")

@@ -21,14 +21,6 @@ BOX = 24
 ANGPIX = 4.0
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("numba-recon: error:") and "\n" not in err and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """600 D7-phantom particles (box 24, 4 A/px, SNR 0.1) with truth.mrc beside particles.star."""
@@ -150,7 +142,7 @@ def test_report_truth_option(l2_run, data, runner, tmp_path):
     assert "Resolution vs truth (FSC 0.5)" in (copy / "report.html").read_text()
 
 
-def test_report_truth_option_refuses_a_map_that_does_not_fit(l2_run, runner, tmp_path):
+def test_report_truth_option_refuses_a_map_that_does_not_fit(l2_run, runner, tmp_path, assert_one_line_error):
     copy = _copy_run(l2_run, tmp_path / "copy")
     write_volume(tmp_path / "small.mrc", np.zeros((20, 20, 20), np.float32), ANGPIX)
     write_volume(tmp_path / "coarse.mrc", np.zeros((BOX,) * 3, np.float32), 2 * ANGPIX)

@@ -16,19 +16,14 @@ ANGPIX = 3.0
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from numba_recon.sim.simulate import simulate_dataset
+def data(sim_box32, tmp_path_factory) -> Path:
+    """A copy of the shared data set (box 32, 3 A/px, SNR 0.05): tests write STAR files beside its
+    ``Particles/``."""
+    import shutil
 
     path = tmp_path_factory.mktemp("solver") / "data"
-    simulate_dataset(path, n_particles=1200, box_size=BOX, pixel_size_angstrom=ANGPIX, snr=0.05, max_shift_px=2.0,
-                     seed=11, particles_per_stack=400)
+    shutil.copytree(sim_box32, path)
     return path
-
-
-def _run(runner, star: Path, out: Path, *extra: str) -> dict:
-    res = runner.invoke(main, ["-q", "run", str(star), "-o", str(out), "--backend", "cpu", *extra])
-    assert res.exit_code == 0, res.output
-    return json.loads((out / "summary.json").read_text())
 
 
 def _maps(out: Path) -> np.ndarray:
@@ -54,17 +49,15 @@ def _history(out: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def default_run(data, tmp_path_factory):
-    from click.testing import CliRunner
-
+def default_run(data, tmp_path_factory, run_summary):
     out = tmp_path_factory.mktemp("runs") / "default"
-    return out, _run(CliRunner(), data / "particles.star", out)
+    return out, run_summary(data / "particles.star", out)
 
 
 @pytest.mark.slow
-def test_one_epoch_is_the_direct_reconstruction(data, tmp_path, runner, default_run):
+def test_one_epoch_is_the_direct_reconstruction(data, tmp_path, default_run, run_summary):
     out = tmp_path / "direct"
-    summary = _run(runner, data / "particles.star", out, "--epochs", "1")
+    summary = run_summary(data / "particles.star", out, "--epochs", "1")
     assert summary["solver"]["passes"] == 1 and summary["solver"]["best_pass"] == 1
     assert len(_history(out)) == 1
     # the one-pass map is already close to the converged one
@@ -88,19 +81,19 @@ def test_final_maps_have_the_lowest_held_out_loss(default_run):
 
 
 @pytest.mark.slow
-def test_cg_is_at_least_as_good_as_adam(data, tmp_path, runner, default_run):
+def test_cg_is_at_least_as_good_as_adam(data, tmp_path, default_run, run_summary):
     out = tmp_path / "adam"
-    _run(runner, data / "particles.star", out, "--optimizer", "adam", "--epochs", "10")
+    run_summary(data / "particles.star", out, "--optimizer", "adam", "--epochs", "10")
     assert _vs_truth(default_run[0], data) <= _vs_truth(out, data)
 
 
 @pytest.mark.slow
-def test_particle_diameter_given_or_estimated(data, tmp_path, runner, default_run):
+def test_particle_diameter_given_or_estimated(data, tmp_path, default_run, run_summary):
     solver = default_run[1]["solver"]
     assert solver["particle_diameter_source"] == "estimated"
     # the phantom lies within ~0.35 of the box (radius); the estimate is generous but inside the box
     assert 0.5 * BOX * ANGPIX < solver["particle_diameter_angstrom"] <= (BOX - 2) * ANGPIX
-    summary = _run(runner, data / "particles.star", tmp_path / "given", "--particle-diameter", "60", "--epochs", "1")
+    summary = run_summary(data / "particles.star", tmp_path / "given", "--particle-diameter", "60", "--epochs", "1")
     assert summary["solver"]["particle_diameter_source"] == "given"
     assert summary["solver"]["particle_diameter_angstrom"] == pytest.approx(60.0)
     assert summary["solver"]["support_radius_px"] == pytest.approx(60 / 2 / ANGPIX + 5)
@@ -127,7 +120,7 @@ def _rewrite_rows(star: Path, out: Path, order: np.ndarray, drop_subsets: bool) 
 
 
 @pytest.mark.slow
-def test_row_order_and_format_do_not_change_the_maps(data, tmp_path, runner):
+def test_row_order_and_format_do_not_change_the_maps(data, tmp_path, runner, run_summary):
     """Without rlnRandomSubset the halves and the hold-out come from the image names: the same
     particles in reversed and shuffled row order, and as a .thu file, give the same maps to float
     summation order."""
@@ -140,16 +133,16 @@ def test_row_order_and_format_do_not_change_the_maps(data, tmp_path, runner):
     res = runner.invoke(main, ["convert", str(plain), str(thu)])
     assert res.exit_code == 0, res.output
     common = ["--epochs", "3", "--no-early-stop"]
-    ref = _maps((_run(runner, plain, tmp_path / "a", *common), tmp_path / "a")[1])
+    ref = _maps((run_summary(plain, tmp_path / "a", *common), tmp_path / "a")[1])
     for star, extra in ((shuffled, []), (thu, ["--angpix", str(ANGPIX)])):
         out = tmp_path / star.stem
-        _run(runner, star, out, *common, *extra)
+        run_summary(star, out, *common, *extra)
         rel = np.abs(_maps(out) - ref).max() / np.abs(ref).max()
         assert rel < 1e-4, (star.name, rel)
 
 
 @pytest.mark.slow
-def test_robust_losses_run_their_passes(tmp_path, runner):
+def test_robust_losses_run_their_passes(tmp_path, run_summary):
     """A robust loss is active for at least two passes before the run may stop, and drops junk."""
     from numba_recon.sim.simulate import simulate_dataset
 
@@ -157,7 +150,7 @@ def test_robust_losses_run_their_passes(tmp_path, runner):
     simulate_dataset(path, n_particles=800, box_size=24, pixel_size_angstrom=4.0, snr=0.2, max_shift_px=2.0,
                      junk_fraction=0.4, junk_kinds=("noise",), seed=5, particles_per_stack=400)
     out = tmp_path / "trimmed"
-    summary = _run(runner, path / "particles.star", out, "--loss", "trimmed")
+    summary = run_summary(path / "particles.star", out, "--loss", "trimmed")
     rows = _history(out)
     assert len(rows) >= 4
     kept = [float(r["kept_fraction"]) for r in rows]
@@ -166,13 +159,13 @@ def test_robust_losses_run_their_passes(tmp_path, runner):
 
 
 @pytest.mark.slow
-def test_adam_with_the_preconditioner_converges_faster(data, tmp_path, runner):
+def test_adam_with_the_preconditioner_converges_faster(data, tmp_path, run_summary):
     """The solver's Fourier preconditioner is available to adam: with it, 3 epochs of adam give a map
     at least as close to the truth as without it."""
     plain = tmp_path / "adam"
     pre = tmp_path / "adam-pre"
-    _run(runner, data / "particles.star", plain, "--optimizer", "adam", "--epochs", "3")
-    summary = _run(runner, data / "particles.star", pre, "--optimizer", "adam", "--epochs", "3", "--precondition")
+    run_summary(data / "particles.star", plain, "--optimizer", "adam", "--epochs", "3")
+    summary = run_summary(data / "particles.star", pre, "--optimizer", "adam", "--epochs", "3", "--precondition")
     assert summary["timings_s"]["preconditioner_s"] > 0
     assert _vs_truth(pre, data) <= _vs_truth(plain, data)
 
@@ -218,7 +211,7 @@ def _with_repeated_rows(star: Path, out: Path, rows: list[tuple[int, str | None]
 
 
 @pytest.mark.slow
-def test_repeated_images_are_refused_or_dropped(data, tmp_path, runner):
+def test_repeated_images_are_refused_or_dropped(data, tmp_path, runner, run_summary):
     """The same image twice, even with rlnRandomSubset putting the copies in opposite halves, is
     refused with one line (exit 2); --drop-duplicates keeps the first row of each image."""
     import starfile
@@ -233,7 +226,7 @@ def test_repeated_images_are_refused_or_dropped(data, tmp_path, runner):
     line = res.output.strip().splitlines()[-1]
     assert "repeat the image of an earlier row" in line and "--drop-duplicates" in line and "repeated.star" in line
     assert not (tmp_path / "refused" / "run_class001.mrc").exists()
-    summary = _run(runner, star, tmp_path / "dropped", "--epochs", "1", "--drop-duplicates")
+    summary = run_summary(star, tmp_path / "dropped", "--epochs", "1", "--drop-duplicates")
     assert summary["particles"] == 1200
 
 
@@ -295,7 +288,7 @@ def test_a_support_too_small_is_refused(data, tmp_path, runner):
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_changed_particle_set_and_changed_options(data, tmp_path, runner):
+def test_resume_refuses_a_changed_particle_set_and_changed_options(data, tmp_path, runner, run_summary):
     """A resume cannot mix halves: a reordered or shortened STAR file is refused with one line, as
     are options that would change the run (naming them); safe options are accepted. A refused resume
     leaves the finished run's files and success marker alone. Paths are stored absolute, so a resume
@@ -305,7 +298,7 @@ def test_resume_refuses_a_changed_particle_set_and_changed_options(data, tmp_pat
     star = data / "resume.star"
     _rewrite_rows(data / "particles.star", star, np.arange(1200), drop_subsets=False)
     out = tmp_path / "run"
-    _run(runner, star, out, "--epochs", "2", "--no-early-stop")
+    run_summary(star, out, "--epochs", "2", "--no-early-stop")
     marker = out / "NUMBA_RECON_JOB_EXIT_SUCCESS"
     assert marker.exists()
     maps = _maps(out)

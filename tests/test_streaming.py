@@ -27,13 +27,9 @@ KEYS = ("data", "filters2", "data_norm2", "noise_var", "rotations")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from numba_recon.sim.simulate import simulate_dataset
-
-    path = tmp_path_factory.mktemp("streaming") / "data"
-    simulate_dataset(path, n_particles=N_PARTICLES, box_size=BOX, pixel_size_angstrom=4.0, snr=0.3, max_shift_px=2.0,
-                     seed=5, particles_per_stack=80)
-    return path
+def data(simulate) -> Path:
+    return simulate(n_particles=N_PARTICLES, box_size=BOX, pixel_size_angstrom=4.0, snr=0.3, max_shift_px=2.0, seed=5,
+                    particles_per_stack=80)
 
 
 @pytest.fixture(scope="module")
