@@ -84,7 +84,8 @@ def run_all(args: argparse.Namespace, work: Path) -> None:
     table = work / "epochs.json"
     res = subprocess.run([sys.executable, "-c", CHILD, str(table), "-q", "run", str(star), "-o",
                           str(work / "run"), "--overwrite", "--backend", "cpu", "--optimizer", "adam",
-                          "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+                          "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)],
+                         capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(res.stderr[-3000:])
     rows = json.loads(table.read_text())

@@ -18,7 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "numba_recon"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("numba_recon", "numba_recon.errors", "numba_recon.checks", "numba_recon.threads",
               "numba_recon.provenance", "numba_recon.manifest", "numba_recon.geometry", "numba_recon.ctf",
-              "numba_recon.io.files", "numba_recon.io.run_files", "numba_recon.io.names", "numba_recon.sim")),
+              "numba_recon.io.files", "numba_recon.io.run_files", "numba_recon.io.names", "numba_recon.sim",
+              "numba_recon.kernel_geometry")),
     ("file formats", ("numba_recon.io",)),
     ("data model", ("numba_recon.particles", "numba_recon.plausibility", "numba_recon.symmetry",
                     "numba_recon.config", "numba_recon.sim.phantom")),

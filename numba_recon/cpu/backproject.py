@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, parallel_chunksize, prange
 
+from numba_recon import kernel_geometry as kg
 from numba_recon.cpu import _support
 
 
@@ -34,12 +35,8 @@ def _pad_scaled(images, scale, pad):  # pragma: no cover - compiled
 @njit(parallel=True, fastmath=True, cache=True)
 def _backproject_kernel(padded, rot, x_lo, x_hi, pad, out):  # pragma: no cover - compiled
     n = out.shape[0]
-    c = n // 2
     nb = rot.shape[0]
-    w = n + 2 * pad
-    uw = np.uintp(w)
-    uw1 = np.uintp(w + 1)
-    one = np.uintp(1)
+    c, _, one, uw, uw1 = kg.padded_frame(n, pad)
     real = out.dtype.type
     origin = real(c + pad)
     for k in prange(n):
@@ -47,36 +44,15 @@ def _backproject_kernel(padded, rot, x_lo, x_hi, pad, out):  # pragma: no cover 
         # image-major order inside a plane: one image (a few tens of KiB) stays in cache while
         # the plane's rows gather from it
         for b in range(nb):
-            a00 = rot[b, 0, 0]
-            a01 = rot[b, 0, 1]
-            a02 = rot[b, 0, 2]
-            a10 = rot[b, 1, 0]
-            a11 = rot[b, 1, 1]
-            a12 = rot[b, 1, 2]
+            a00, a01, a02, a10, a11, a12 = kg.image_rows(rot, b)
             for i in range(n):
-                x0 = x_lo[k, i]
-                x1 = x_hi[k, i]
-                if x1 < x0:
-                    continue
-                dy = real(i - c)
-                # the same row origin and per-voxel step as the projector, so both directions
-                # see the same positions and weights
-                row_u = a01 * dy + a02 * dz + origin
-                row_v = a11 * dy + a12 * dz + origin
-                for x in range(x0, x1 + 1):
-                    dx = real(x - c)
-                    u = row_u + a00 * dx
-                    v = row_v + a10 * dx
-                    idx = np.uintp(v) * uw + np.uintp(u)
-                    fu = u - np.floor(u)
-                    fv = v - np.floor(v)
-                    g00 = padded[b, idx]
-                    g01 = padded[b, idx + one]
-                    g10 = padded[b, idx + uw]
-                    g11 = padded[b, idx + uw1]
-                    top = g00 + fu * (g01 - g00)
-                    bottom = g10 + fu * (g11 - g10)
-                    out[k, i, np.uintp(x)] += top + fv * (bottom - top)
+                # the projector's row walk, so both directions see the same positions and weights
+                row_u, row_v = kg.row_start(a01, a02, a11, a12, real(i - c), dz, origin)
+                for x in range(x_lo[k, i], x_hi[k, i] + 1):
+                    idx, fu, fv = kg.row_corner(row_u, row_v, a00, a10, real(x - c), uw)
+                    top = kg.lerp(padded[b, idx], padded[b, idx + one], fu)
+                    bottom = kg.lerp(padded[b, idx + uw], padded[b, idx + uw1], fu)
+                    out[k, i, np.uintp(x)] += kg.lerp(top, bottom, fv)
 
 
 def _backproject_scaled(images: np.ndarray, rotations: np.ndarray, scale: np.ndarray, radius_px: float,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from numba_recon import kernel_geometry as kg
 from numba_recon.cpu import _support
 
 #: Private accumulation grids (fixed, so that the summation order never depends on the threads).
@@ -24,48 +25,28 @@ CHUNKS = 4
 @njit(parallel=True, fastmath=True, cache=True)
 def _insert_kernel(rot, weights, chunks, acc):  # pragma: no cover - compiled
     nb, n = weights.shape[0], weights.shape[1]
-    half = (n + 1) // 2
     for c in prange(chunks):
         grid = acc[c]
         for b in range(c, nb, chunks):
-            a00 = rot[b, 0, 0]
-            a01 = rot[b, 0, 1]
-            a02 = rot[b, 0, 2]
-            a10 = rot[b, 1, 0]
-            a11 = rot[b, 1, 1]
-            a12 = rot[b, 1, 2]
+            a00, a01, a02, a10, a11, a12 = kg.image_rows(rot, b)
             for iv in range(n):
-                kv = iv - n if iv >= half else iv
+                kv = kg.signed_frequency(iv, n)
                 for iu in range(n):
                     w = weights[b, iv, iu]
                     if w == 0.0:
                         continue
-                    ku = iu - n if iu >= half else iu
-                    qx = a00 * ku + a10 * kv
-                    qy = a01 * ku + a11 * kv
-                    qz = a02 * ku + a12 * kv
-                    fx = np.floor(qx)
-                    fy = np.floor(qy)
-                    fz = np.floor(qz)
-                    tx = qx - fx
-                    ty = qy - fy
-                    tz = qz - fz
-                    x0 = int(fx) % n
-                    y0 = int(fy) % n
-                    z0 = int(fz) % n
-                    x1 = (x0 + 1) % n
-                    y1 = (y0 + 1) % n
-                    z1 = (z0 + 1) % n
-                    wz0 = w * (1.0 - tz)
-                    wz1 = w * tz
-                    grid[z0, y0, x0] += wz0 * (1.0 - ty) * (1.0 - tx)
-                    grid[z0, y0, x1] += wz0 * (1.0 - ty) * tx
-                    grid[z0, y1, x0] += wz0 * ty * (1.0 - tx)
-                    grid[z0, y1, x1] += wz0 * ty * tx
-                    grid[z1, y0, x0] += wz1 * (1.0 - ty) * (1.0 - tx)
-                    grid[z1, y0, x1] += wz1 * (1.0 - ty) * tx
-                    grid[z1, y1, x0] += wz1 * ty * (1.0 - tx)
-                    grid[z1, y1, x1] += wz1 * ty * tx
+                    qx, qy, qz = kg.slice_frequency(a00, a01, a02, a10, a11, a12, kg.signed_frequency(iu, n), kv)
+                    x0, y0, z0, tx, ty, tz = kg.trilinear_corner(qx, qy, qz)
+                    x0, y0, z0, x1, y1, z1 = kg.periodic_cell(x0, y0, z0, n)
+                    w000, w001, w010, w011, w100, w101, w110, w111 = kg.trilinear_weights(w, tx, ty, tz, 1.0)
+                    grid[z0, y0, x0] += w000
+                    grid[z0, y0, x1] += w001
+                    grid[z0, y1, x0] += w010
+                    grid[z0, y1, x1] += w011
+                    grid[z1, y0, x0] += w100
+                    grid[z1, y0, x1] += w101
+                    grid[z1, y1, x0] += w110
+                    grid[z1, y1, x1] += w111
 
 
 @njit(parallel=True, cache=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, parallel_chunksize, prange
 
+from numba_recon import kernel_geometry as kg
 from numba_recon.cpu import _support
 
 # Private accumulation images per task, chosen by the voxel's x index: consecutive voxels of a
@@ -25,13 +26,9 @@ _PARTS = 2
 @njit(parallel=True, fastmath=True, cache=True)
 def _project_kernel(volume, rot, x_lo, x_hi, pad, out):  # pragma: no cover - compiled
     n = volume.shape[0]
-    c = n // 2
     nb = rot.shape[0]
-    w = n + 2 * pad
+    c, w, one, uw, uw1 = kg.padded_frame(n, pad)
     plane = w * w
-    uw = np.uintp(w)
-    uw1 = np.uintp(w + 1)
-    one = np.uintp(1)
     uplane = np.uintp(plane)
     real = volume.dtype.type
     partial = np.empty((nb, _PARTS, n, n), dtype=volume.dtype)
@@ -48,44 +45,19 @@ def _project_kernel(volume, rot, x_lo, x_hi, pad, out):  # pragma: no cover - co
         w01 = np.empty(n, dtype=volume.dtype)
         w10 = np.empty(n, dtype=volume.dtype)
         w11 = np.empty(n, dtype=volume.dtype)
-        a00 = rot[b, 0, 0]
-        a01 = rot[b, 0, 1]
-        a02 = rot[b, 0, 2]
-        a10 = rot[b, 1, 0]
-        a11 = rot[b, 1, 1]
-        a12 = rot[b, 1, 2]
+        a00, a01, a02, a10, a11, a12 = kg.image_rows(rot, b)
         # padded image coordinate of the box centre
         origin = real(c + pad)
         for k in range(z_start, z_stop):
             dz = real(k - c)
             for i in range(n):
-                x0 = x_lo[k, i]
-                x1 = x_hi[k, i]
-                if x1 < x0:
-                    continue
-                dy = real(i - c)
-                # image position of the row's x = c voxel; it moves by (a00, a10) per voxel
-                row_u = a01 * dy + a02 * dz + origin
-                row_v = a11 * dy + a12 * dz + origin
-                for x in range(x0, x1 + 1):
+                row_u, row_v = kg.row_start(a01, a02, a11, a12, real(i - c), dz, origin)
+                for x in range(x_lo[k, i], x_hi[k, i] + 1):
                     ux = np.uintp(x)
-                    val = volume[k, i, ux]
-                    dx = real(x - c)
-                    u = row_u + a00 * dx
-                    v = row_v + a10 * dx
-                    # u, v >= 0 by construction of the padding: truncation is floor
-                    target[ux] = np.uintp(v) * uw + np.uintp(u) + np.uintp(x & (_SLOTS - 1)) * uplane
-                    fu = u - np.floor(u)
-                    fv = v - np.floor(v)
-                    low = val * fv
-                    high = val - low
-                    t = high * fu
-                    w00[ux] = high - t
-                    w01[ux] = t
-                    t = low * fu
-                    w10[ux] = low - t
-                    w11[ux] = t
-                for x in range(x0, x1 + 1):
+                    idx, fu, fv = kg.row_corner(row_u, row_v, a00, a10, real(x - c), uw)
+                    target[ux] = idx + np.uintp(x & (_SLOTS - 1)) * uplane
+                    w00[ux], w01[ux], w10[ux], w11[ux] = kg.bilinear_weights(volume[k, i, ux], fu, fv)
+                for x in range(x_lo[k, i], x_hi[k, i] + 1):
                     ux = np.uintp(x)
                     idx = target[ux]
                     img[idx] += w00[ux]

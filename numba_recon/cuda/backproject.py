@@ -15,14 +15,14 @@ neighbouring x voxels, so a warp reads a compact image patch.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
+from numba_recon import kernel_geometry as kg
 from numba_recon.contract import support_limit
 from numba_recon.cuda._checks import brick_depth, device_f32
-from numba_recon.cuda._target import cuda
+from numba_recon.cuda._target import SIMULATOR, cuda
 from numba_recon.cuda.memory import scratch
 
 #: Images whose rotations are staged in shared memory at a time.
@@ -33,9 +33,28 @@ DEFAULT_THREADS_PER_BLOCK = 256
 MAX_BLOCKS = 65535
 
 _F0 = np.float32(0.0)
-_F1 = np.float32(1.0)
-_HALF = np.float32(0.5)
-_BRICK_HALF_XY = np.float32(3.5)
+#: How the kernel calls device helpers: inlined on a GPU, as Python functions in the simulator.
+_JIT_DEVICE = None if SIMULATOR else cuda.jit(device=True, inline=True)
+# the shared geometry (numba_recon.kernel_geometry) as the kernel calls it
+(_brick_layout, _brick_centre, _brick_outside, _brick_voxel, _stage_rows, _staged_corner, _lerp) = kg.device_functions(
+    _JIT_DEVICE, kg.brick_layout, kg.brick_centre, kg.brick_outside, kg.brick_voxel, kg.stage_rows,
+    kg.staged_corner, kg.lerp)
+
+
+def _sample_row(images, p, x_in0, x_in1, fx):
+    """``images[p]`` to ``images[p + 1]`` (flat batch) interpolated at ``fx``; a pixel whose flag
+    (``x_in0``, ``x_in1``) says it lies outside the image reads as 0. ``p >= 0``, so the index can be
+    unsigned."""
+    left = _F0
+    right = _F0
+    if x_in0:
+        left = images[np.uint64(p)]
+    if x_in1:
+        right = images[np.uint64(p + 1)]
+    return _lerp(left, right, fx)
+
+
+(_sample_row,) = kg.device_functions(_JIT_DEVICE, _sample_row)
 
 
 @cuda.jit(fastmath=True, cache=True)
@@ -53,43 +72,16 @@ def _backproject_kernel(images, rotations, weights, use_weights, factor, r2_max,
     nb = rotations.shape[0]
     tid = cuda.threadIdx.x
     tpb = cuda.blockDim.x
-    depth = tpb // 64
-    c = n // 2
-    cf = np.float32(c)
+    c, cf, depth, nbx, n_bricks, half_z = _brick_layout(n, tpb)
     n1 = n - 1
     nn = n * n
-    nbx = (n + 7) // 8
-    nbz = (n + depth - 1) // depth
-    n_bricks = nbx * nbx * nbz
-    half_z = _HALF * np.float32(depth - 1)
-    lx = tid % 8
-    ly = (tid // 8) % 8
-    lz = tid // 64
 
     for brick in range(cuda.blockIdx.x, n_bricks, cuda.gridDim.x):
-        bz = brick // (nbx * nbx)
-        rem = brick - bz * (nbx * nbx)
-        by = rem // nbx
-        bx = rem - by * nbx
-        ccx = np.float32(bx * 8 - c) + _BRICK_HALF_XY
-        ccy = np.float32(by * 8 - c) + _BRICK_HALF_XY
-        ccz = np.float32(bz * depth - c) + half_z
-        dx = max(abs(ccx) - _BRICK_HALF_XY, _F0)
-        dy = max(abs(ccy) - _BRICK_HALF_XY, _F0)
-        dz = max(abs(ccz) - half_z, _F0)
-        if dx * dx + dy * dy + dz * dz > np.float32(r2_max):
+        bx, by, bz, ccx, ccy, ccz = _brick_centre(brick, nbx, depth, c, half_z)
+        if _brick_outside(ccx, ccy, ccz, half_z, r2_max):
             continue  # the whole brick is outside the support: same decision for every thread
 
-        j = bx * 8 + lx
-        i = by * 8 + ly
-        k = bz * depth + lz
-        rx = j - c
-        ry = i - c
-        rz = k - c
-        active = j < n and i < n and k < n and rx * rx + ry * ry + rz * rz <= r2_max
-        rxf = np.float32(rx)
-        ryf = np.float32(ry)
-        rzf = np.float32(rz)
+        j, i, k, rxf, ryf, rzf, active = _brick_voxel(bx, by, bz, depth, tid, n, c, r2_max)
         acc = _F0
 
         for g0 in range(0, nb, GROUP):
@@ -97,12 +89,7 @@ def _backproject_kernel(images, rotations, weights, use_weights, factor, r2_max,
             cuda.syncthreads()  # the previous group's rotations are no longer read
             for t in range(tid, cnt, tpb):
                 b = g0 + t
-                rot[t, 0] = rotations[b, 0, 0]
-                rot[t, 1] = rotations[b, 0, 1]
-                rot[t, 2] = rotations[b, 0, 2]
-                rot[t, 3] = rotations[b, 1, 0]
-                rot[t, 4] = rotations[b, 1, 1]
-                rot[t, 5] = rotations[b, 1, 2]
+                _stage_rows(rotations, b, rot, t)
                 if use_weights != 0:
                     rot[t, 6] = factor * weights[b]
                 else:
@@ -111,37 +98,18 @@ def _backproject_kernel(images, rotations, weights, use_weights, factor, r2_max,
 
             if active:
                 for g in range(cnt):
-                    u = rot[g, 0] * rxf + rot[g, 1] * ryf + rot[g, 2] * rzf + cf
-                    v = rot[g, 3] * rxf + rot[g, 4] * ryf + rot[g, 5] * rzf + cf
-                    x0 = np.int32(math.floor(u))
-                    y0 = np.int32(math.floor(v))
-                    fx = u - np.float32(x0)
-                    fy = v - np.float32(y0)
+                    x0, y0, fx, fy = _staged_corner(rot, g, rxf, ryf, rzf, cf)
                     base = (g0 + g) * nn
                     x_in0 = x0 >= 0 and x0 < n
                     x_in1 = x0 >= -1 and x0 < n1
                     # Corners outside the image read as 0. Flat indices are formed only for rows
-                    # inside the image, so they are non-negative and can be unsigned.
+                    # inside the image, so they are non-negative.
                     row = _F0
                     if y0 >= 0 and y0 < n:
-                        p = base + y0 * n + x0
-                        left = _F0
-                        right = _F0
-                        if x_in0:
-                            left = images[np.uint64(p)]
-                        if x_in1:
-                            right = images[np.uint64(p + 1)]
-                        row = left + fx * (right - left)
+                        row = _sample_row(images, base + y0 * n + x0, x_in0, x_in1, fx)
                     s = row - fy * row
                     if y0 >= -1 and y0 < n1:
-                        p = base + (y0 + 1) * n + x0
-                        left = _F0
-                        right = _F0
-                        if x_in0:
-                            left = images[np.uint64(p)]
-                        if x_in1:
-                            right = images[np.uint64(p + 1)]
-                        s += fy * (left + fx * (right - left))
+                        s += fy * _sample_row(images, base + (y0 + 1) * n + x0, x_in0, x_in1, fx)
                     acc += rot[g, 6] * s
 
         if active:
@@ -156,8 +124,7 @@ def _launch(images: Any, rotations: Any, weights: Any, use_weights: int, factor:
     r2_max = np.int32(support_limit(radius_px, n))
     if nb == 0 or n == 0:
         return
-    nbx = -(-n // 8)
-    n_bricks = nbx * nbx * -(-n // depth)
+    _, n_bricks = kg.brick_grid(n, depth)
     _backproject_kernel[min(n_bricks, MAX_BLOCKS), threads_per_block](
         images.reshape(images.size), rotations, weights, np.int32(use_weights), np.float32(factor), r2_max, out)
 

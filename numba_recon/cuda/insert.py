@@ -15,11 +15,21 @@ from typing import Any
 
 import numpy as np
 
+from numba_recon import kernel_geometry as kg
 from numba_recon.cuda._checks import device_f32
-from numba_recon.cuda._target import cuda
+from numba_recon.cuda._target import SIMULATOR, cuda
 
 THREADS_PER_BLOCK = 256
 MAX_BLOCKS = 65535
+
+_F1 = np.float32(1.0)
+
+# the shared geometry (numba_recon.kernel_geometry) as the kernel calls it
+(_image_rows, _signed_frequency, _slice_frequency, _trilinear_corner, _periodic_cell,
+ _trilinear_weights) = kg.device_functions(
+    None if SIMULATOR else cuda.jit(device=True, inline=True),
+    kg.image_rows, kg.signed_frequency, kg.slice_frequency, kg.trilinear_corner, kg.periodic_cell,
+    kg.trilinear_weights)
 
 
 @cuda.jit(fastmath=True, cache=True)
@@ -30,7 +40,6 @@ def _insert_kernel(rotations, weights, out):
     n = weights.shape[1]
     nn = n * n
     total = nb * nn
-    half = (n + 1) // 2
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     for t in range(start, total, stride):
@@ -41,34 +50,20 @@ def _insert_kernel(rotations, weights, out):
         w = weights[b, iv, iu]
         if w == 0.0:
             continue
-        kv = np.float32(iv - n if iv >= half else iv)
-        ku = np.float32(iu - n if iu >= half else iu)
-        qx = rotations[b, 0, 0] * ku + rotations[b, 1, 0] * kv
-        qy = rotations[b, 0, 1] * ku + rotations[b, 1, 1] * kv
-        qz = rotations[b, 0, 2] * ku + rotations[b, 1, 2] * kv
-        fx = math.floor(qx)
-        fy = math.floor(qy)
-        fz = math.floor(qz)
-        tx = qx - fx
-        ty = qy - fy
-        tz = qz - fz
-        x0 = int(fx) % n
-        y0 = int(fy) % n
-        z0 = int(fz) % n
-        x1 = (x0 + 1) % n
-        y1 = (y0 + 1) % n
-        z1 = (z0 + 1) % n
-        one = np.float32(1.0)
-        wz0 = w * (one - tz)
-        wz1 = w * tz
-        cuda.atomic.add(out, (z0, y0, x0), wz0 * (one - ty) * (one - tx))
-        cuda.atomic.add(out, (z0, y0, x1), wz0 * (one - ty) * tx)
-        cuda.atomic.add(out, (z0, y1, x0), wz0 * ty * (one - tx))
-        cuda.atomic.add(out, (z0, y1, x1), wz0 * ty * tx)
-        cuda.atomic.add(out, (z1, y0, x0), wz1 * (one - ty) * (one - tx))
-        cuda.atomic.add(out, (z1, y0, x1), wz1 * (one - ty) * tx)
-        cuda.atomic.add(out, (z1, y1, x0), wz1 * ty * (one - tx))
-        cuda.atomic.add(out, (z1, y1, x1), wz1 * ty * tx)
+        a00, a01, a02, a10, a11, a12 = _image_rows(rotations, b)
+        qx, qy, qz = _slice_frequency(a00, a01, a02, a10, a11, a12, np.float32(_signed_frequency(iu, n)),
+                                      np.float32(_signed_frequency(iv, n)))
+        x0, y0, z0, tx, ty, tz = _trilinear_corner(qx, qy, qz)
+        x0, y0, z0, x1, y1, z1 = _periodic_cell(x0, y0, z0, n)
+        w000, w001, w010, w011, w100, w101, w110, w111 = _trilinear_weights(w, tx, ty, tz, _F1)
+        cuda.atomic.add(out, (z0, y0, x0), w000)
+        cuda.atomic.add(out, (z0, y0, x1), w001)
+        cuda.atomic.add(out, (z0, y1, x0), w010)
+        cuda.atomic.add(out, (z0, y1, x1), w011)
+        cuda.atomic.add(out, (z1, y0, x0), w100)
+        cuda.atomic.add(out, (z1, y0, x1), w101)
+        cuda.atomic.add(out, (z1, y1, x0), w110)
+        cuda.atomic.add(out, (z1, y1, x1), w111)
 
 
 def insert_weights(rotations: Any, weights: Any, out: Any) -> None:

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from numba_recon import kernel_geometry as kg
 from numba_recon.contract import support_limit
 from numba_recon.cuda._checks import brick_depth, device_f32
 from numba_recon.cuda._target import SIMULATOR, cuda
@@ -83,8 +84,6 @@ SLAB_FLAT = 2 * MAX_WARPS * CORNERS * WARP
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
-_HALF = np.float32(0.5)
-_BRICK_HALF_XY = np.float32(3.5)
 # lane masks are uint32 and slab offsets unsigned: no negative-index handling, no int/uint mixes
 _U0 = np.uint32(0)
 _U1 = np.uint32(1)
@@ -94,6 +93,13 @@ _FULL_MASK = np.int32(-1)             # all 32 lanes (blocks are whole warps)
 # (without it ptxas takes about 70, which leaves one 512-thread block per SM). The simulator's jit
 # takes no launch bounds.
 _JIT_OPTIONS: dict[str, Any] = {} if SIMULATOR else {"launch_bounds": (512, 2)}
+
+# the shared geometry (numba_recon.kernel_geometry) as the kernel calls it
+(_brick_layout, _brick_centre, _brick_outside, _brick_voxel, _stage_rows, _image_position, _staged_corner,
+ _bilinear_weights) = kg.device_functions(
+    None if SIMULATOR else cuda.jit(device=True, inline=True),
+    kg.brick_layout, kg.brick_centre, kg.brick_outside, kg.brick_voxel, kg.stage_rows, kg.image_position,
+    kg.staged_corner, kg.bilinear_weights)
 
 
 #: In the simulator, whether the warp intrinsics are emulated (lanes exchange keys at a Python
@@ -220,16 +226,7 @@ def _project_kernel(volume, rotations, r2_max, out):
     nb = rotations.shape[0]
     tid = cuda.threadIdx.x
     tpb = cuda.blockDim.x
-    depth = tpb // 64
-    c = n // 2
-    cf = np.float32(c)
-    nbx = (n + 7) // 8
-    nbz = (n + depth - 1) // depth
-    n_bricks = nbx * nbx * nbz
-    half_z = _HALF * np.float32(depth - 1)
-    lx = tid % 8
-    ly = (tid // 8) % 8
-    lz = tid // 64
+    c, cf, depth, nbx, n_bricks, half_z = _brick_layout(n, tpb)
     lane = tid % WARP
     own = np.uint32(1 << lane)        # this lane's bit
     below = np.uint32(own - _U1)      # the bits of the lower lanes
@@ -249,33 +246,16 @@ def _project_kernel(volume, rotations, r2_max, out):
         tile[t] = _F0
 
     for brick in range(cuda.blockIdx.x, n_bricks, cuda.gridDim.x):
-        bz = brick // (nbx * nbx)
-        rem = brick - bz * (nbx * nbx)
-        by = rem // nbx
-        bx = rem - by * nbx
         # brick centre, as an offset from the box centre (voxels)
-        ccx = np.float32(bx * 8 - c) + _BRICK_HALF_XY
-        ccy = np.float32(by * 8 - c) + _BRICK_HALF_XY
-        ccz = np.float32(bz * depth - c) + half_z
+        bx, by, bz, ccx, ccy, ccz = _brick_centre(brick, nbx, depth, c, half_z)
         # Skip bricks wholly outside the support sphere (the same decision for the whole block).
-        dx = max(abs(ccx) - _BRICK_HALF_XY, _F0)
-        dy = max(abs(ccy) - _BRICK_HALF_XY, _F0)
-        dz = max(abs(ccz) - half_z, _F0)
-        if dx * dx + dy * dy + dz * dz > np.float32(r2_max):
+        if _brick_outside(ccx, ccy, ccz, half_z, r2_max):
             continue
 
-        j = bx * 8 + lx
-        i = by * 8 + ly
-        k = bz * depth + lz
-        rx = j - c
-        ry = i - c
-        rz = k - c
+        j, i, k, rxf, ryf, rzf, inside = _brick_voxel(bx, by, bz, depth, tid, n, c, r2_max)
         val = _F0
-        if j < n and i < n and k < n and rx * rx + ry * ry + rz * rz <= r2_max:
+        if inside:
             val = volume[k, i, j]
-        rxf = np.float32(rx)
-        ryf = np.float32(ry)
-        rzf = np.float32(rz)
         live = val != _F0
         # whole warps with nothing to splat skip the splat loop (a warp-uniform decision)
         warp_live = _warp_any(live)
@@ -283,21 +263,8 @@ def _project_kernel(volume, rotations, r2_max, out):
         for g0 in range(img_lo, img_hi, GROUP):
             cnt = np.int32(min(GROUP, img_hi - g0))
             if tid < cnt:
-                b = g0 + tid
-                a00 = rotations[b, 0, 0]
-                a01 = rotations[b, 0, 1]
-                a02 = rotations[b, 0, 2]
-                a10 = rotations[b, 1, 0]
-                a11 = rotations[b, 1, 1]
-                a12 = rotations[b, 1, 2]
-                rot[tid, 0] = a00
-                rot[tid, 1] = a01
-                rot[tid, 2] = a02
-                rot[tid, 3] = a10
-                rot[tid, 4] = a11
-                rot[tid, 5] = a12
-                uc = a00 * ccx + a01 * ccy + a02 * ccz + cf
-                vc = a10 * ccx + a11 * ccy + a12 * ccz + cf
+                a00, a01, a02, a10, a11, a12 = _stage_rows(rotations, g0 + tid, rot, tid)
+                uc, vc = _image_position(a00, a01, a02, a10, a11, a12, ccx, ccy, ccz, cf)
                 origin[tid, 0] = np.int32(math.floor(uc)) - TILE_MARGIN
                 origin[tid, 1] = np.int32(math.floor(vc)) - TILE_MARGIN
             cuda.syncthreads()
@@ -305,23 +272,13 @@ def _project_kernel(volume, rotations, r2_max, out):
             if warp_live:
                 # every lane of the warp runs this loop: it holds the warp-wide calls
                 for g in range(cnt):
-                    u = rot[g, 0] * rxf + rot[g, 1] * ryf + rot[g, 2] * rzf + cf
-                    v = rot[g, 3] * rxf + rot[g, 4] * ryf + rot[g, 5] * rzf + cf
-                    x0 = np.int32(math.floor(u))
-                    y0 = np.int32(math.floor(v))
-                    fx = u - np.float32(x0)
-                    fy = v - np.float32(y0)
+                    x0, y0, fx, fy = _staged_corner(rot, g, rxf, ryf, rzf, cf)
                     tx = x0 - origin[g, 0]
                     ty = y0 - origin[g, 1]
                     in_tile = live and tx >= 0 and tx < TILE - 1 and ty >= 0 and ty < TILE - 1
                     key = np.int32(ty * TILE + tx) if in_tile else lone_key
                     peers = np.uint32(_match_any(key))
-                    top = val - val * fy      # val * (1 - fy)
-                    bottom = val * fy
-                    w00 = top - top * fx
-                    w01 = top * fx
-                    w10 = bottom - bottom * fx
-                    w11 = bottom * fx
+                    w00, w01, w10, w11 = _bilinear_weights(val, fx, fy)
                     # this warp's rows of the slab; buffers alternate between images: a slot is
                     # rewritten two images later, after the next warp barrier, when no lane can
                     # still be reading it
@@ -383,9 +340,8 @@ def launch_grid(n: int, nb: int, threads_per_block: int = DEFAULT_THREADS_PER_BL
 
     No slice is empty; the last one may hold fewer groups.
     """
-    depth = brick_depth(threads_per_block)
-    nbx = -(-n // 8)
-    brick_blocks = min(nbx * nbx * -(-n // depth), MAX_BLOCKS)
+    _, n_bricks = kg.brick_grid(n, brick_depth(threads_per_block))
+    brick_blocks = min(n_bricks, MAX_BLOCKS)
     groups = -(-nb // GROUP)
     if groups == 0 or brick_blocks == 0:
         return brick_blocks, 1

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from numba_recon import kernel_geometry as kg
 from numba_recon.symmetry.groups import symmetry_operators
 
 #: Rendered Gaussians are cut at this many sigmas; the neglected tail is below float32 precision.
@@ -232,6 +233,21 @@ def random_blob_object(seed: int = 0, radius_angstrom: float = 55.0) -> Blobs:
 # --- rendering and analytic projection -------------------------------------------------------
 
 
+@numba.njit(inline="always")
+def _add_gaussian(img, gx, gy, x0, x1, y0, y1, px, py, inv, peak):  # pragma: no cover - compiled
+    """``img[i, j] += peak * exp(-((j - px)^2 + (i - py)^2) * inv)`` over ``[y0, y1] x [x0, x1]``
+    (inclusive); ``gx``, ``gy`` (length ``>= N``) are scratch for the separable factors."""
+    for j in range(x0, x1 + 1):
+        d = j - px
+        gx[j] = np.exp(-d * d * inv)
+    for i in range(y0, y1 + 1):
+        d = i - py
+        gy[i] = peak * np.exp(-d * d * inv)
+    for i in range(y0, y1 + 1):
+        for j in range(x0, x1 + 1):
+            img[i, j] += gy[i] * gx[j]
+
+
 @numba.njit(parallel=True, cache=True)
 def _render_kernel(centres_px, sigmas_px, amplitudes, n, truncate, out):  # pragma: no cover - compiled
     c = n // 2
@@ -249,22 +265,11 @@ def _render_kernel(centres_px, sigmas_px, amplitudes, n, truncate, out):  # prag
             if abs(dz) > reach:
                 continue
             inv = 0.5 / (s * s)
-            x0 = max(0, int(np.ceil(cx - reach)))
-            x1 = min(n - 1, int(np.floor(cx + reach)))
-            y0 = max(0, int(np.ceil(cy - reach)))
-            y1 = min(n - 1, int(np.floor(cy + reach)))
+            x0, x1 = kg.clipped_span(cx, reach, 0, n - 1)
+            y0, y1 = kg.clipped_span(cy, reach, 0, n - 1)
             if x0 > x1 or y0 > y1:
                 continue
-            wz = amplitudes[b] * np.exp(-dz * dz * inv)
-            for j in range(x0, x1 + 1):
-                d = j - cx
-                gx[j] = np.exp(-d * d * inv)
-            for i in range(y0, y1 + 1):
-                d = i - cy
-                gy[i] = wz * np.exp(-d * d * inv)
-            for i in range(y0, y1 + 1):
-                for j in range(x0, x1 + 1):
-                    out[k, i, j] += gy[i] * gx[j]
+            _add_gaussian(out[k], gx, gy, x0, x1, y0, y1, cx, cy, inv, amplitudes[b] * np.exp(-dz * dz * inv))
 
 
 def render_volume(blobs: Blobs, box_size: int, pixel_size_angstrom: float) -> np.ndarray:
@@ -304,33 +309,17 @@ def _project_kernel(centres_px, sigmas_px, weights, rotations, n, truncate, out)
         img = np.zeros((n, n))
         gx = np.empty(n)
         gy = np.empty(n)
-        a00 = rotations[b, 0, 0]
-        a01 = rotations[b, 0, 1]
-        a02 = rotations[b, 0, 2]
-        a10 = rotations[b, 1, 0]
-        a11 = rotations[b, 1, 1]
-        a12 = rotations[b, 1, 2]
+        a00, a01, a02, a10, a11, a12 = kg.image_rows(rotations, b)
         for q in range(m):
             s = sigmas_px[q]
             reach = truncate * s
-            px = a00 * centres_px[q, 0] + a01 * centres_px[q, 1] + a02 * centres_px[q, 2] + c
-            py = a10 * centres_px[q, 0] + a11 * centres_px[q, 1] + a12 * centres_px[q, 2] + c
-            x0 = max(0, int(np.ceil(px - reach)))
-            x1 = min(n - 1, int(np.floor(px + reach)))
-            y0 = max(0, int(np.ceil(py - reach)))
-            y1 = min(n - 1, int(np.floor(py + reach)))
+            px, py = kg.image_position(a00, a01, a02, a10, a11, a12, centres_px[q, 0], centres_px[q, 1],
+                                       centres_px[q, 2], c)
+            x0, x1 = kg.clipped_span(px, reach, 0, n - 1)
+            y0, y1 = kg.clipped_span(py, reach, 0, n - 1)
             if x0 > x1 or y0 > y1:
                 continue
-            inv = 0.5 / (s * s)
-            for j in range(x0, x1 + 1):
-                d = j - px
-                gx[j] = np.exp(-d * d * inv)
-            for i in range(y0, y1 + 1):
-                d = i - py
-                gy[i] = weights[q] * np.exp(-d * d * inv)
-            for i in range(y0, y1 + 1):
-                for j in range(x0, x1 + 1):
-                    img[i, j] += gy[i] * gx[j]
+            _add_gaussian(img, gx, gy, x0, x1, y0, y1, px, py, 0.5 / (s * s), weights[q])
         for i in range(n):
             for j in range(n):
                 out[b, i, j] = img[i, j]
@@ -381,6 +370,7 @@ def _slice_kernel(ft, rotations, m, out):  # pragma: no cover - compiled
     half = m // 2
     r2max = float(half * half)
     for b in numba.prange(rotations.shape[0]):
+        a00, a01, a02, a10, a11, a12 = kg.image_rows(rotations, b)
         for iy in range(m):
             ky = iy if iy < half else iy - m
             for ix in range(half + 1):
@@ -389,15 +379,8 @@ def _slice_kernel(ft, rotations, m, out):  # pragma: no cover - compiled
                     out[b, iy, ix] = 0.0
                     continue
                 # central slice: the 3D frequency A^T (kx, ky, 0)
-                qx = rotations[b, 0, 0] * kx + rotations[b, 1, 0] * ky
-                qy = rotations[b, 0, 1] * kx + rotations[b, 1, 1] * ky
-                qz = rotations[b, 0, 2] * kx + rotations[b, 1, 2] * ky
-                x0 = int(np.floor(qx))
-                y0 = int(np.floor(qy))
-                z0 = int(np.floor(qz))
-                fx = qx - x0
-                fy = qy - y0
-                fz = qz - z0
+                qx, qy, qz = kg.slice_frequency(a00, a01, a02, a10, a11, a12, kx, ky)
+                x0, y0, z0, fx, fy, fz = kg.trilinear_corner(qx, qy, qz)
                 acc = 0.0 + 0.0j
                 for dz in range(2):
                     wz = fz if dz == 1 else 1.0 - fz

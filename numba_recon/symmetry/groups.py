@@ -37,6 +37,7 @@ import logging
 import numba
 import numpy as np
 
+from numba_recon import kernel_geometry as kg
 from numba_recon.symmetry.names import parse_symmetry_name
 
 
@@ -166,12 +167,7 @@ def _symmetrize_kernel(volume, operators, out):  # pragma: no cover - compiled
                     sx = operators[g, 0, 0] * x + operators[g, 0, 1] * y + operators[g, 0, 2] * z + c
                     sy = operators[g, 1, 0] * x + operators[g, 1, 1] * y + operators[g, 1, 2] * z + c
                     sz = operators[g, 2, 0] * x + operators[g, 2, 1] * y + operators[g, 2, 2] * z + c
-                    x0 = int(np.floor(sx))
-                    y0 = int(np.floor(sy))
-                    z0 = int(np.floor(sz))
-                    fx = sx - x0
-                    fy = sy - y0
-                    fz = sz - z0
+                    x0, y0, z0, fx, fy, fz = kg.trilinear_corner(sx, sy, sz)
                     for dz in range(2):
                         zz = z0 + dz
                         if zz < 0 or zz >= n:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from numba_recon import kernel_geometry as kg
 from numba_recon.geometry import default_radius_px
 from numba_recon.symmetry.groups import symmetry_operators, symmetry_order
 from numba_recon.symmetry.names import parse_symmetry_name
@@ -140,58 +141,42 @@ def _kernel(d2, inv_r2):  # pragma: no cover - compiled
     return t * t * t
 
 
+@numba.njit(inline="always")
+def _visit_point(grid, px, py, pz, rho, r2, inv, scatter, a, acc):  # pragma: no cover - compiled
+    """The kernel placed at ``p`` (offset from the centre ``N // 2``) against the grid voxels within
+    ``rho`` of it, visited in z, y, x order: with ``scatter``, ``grid += a K(|r - p|)``; without,
+    returns ``acc`` plus ``<K(|r - p|), grid>``. ``scatter`` is a constant at each call site, so the
+    branch folds away."""
+    n = grid.shape[0]
+    c = n // 2
+    # offsets whose voxel lies in the box
+    z0, z1 = kg.clipped_span(pz, rho, -c, n - 1 - c)
+    y0, y1 = kg.clipped_span(py, rho, -c, n - 1 - c)
+    x0, x1 = kg.clipped_span(px, rho, -c, n - 1 - c)
+    for z in range(z0, z1 + 1):
+        dz2 = (z - pz) ** 2
+        for y in range(y0, y1 + 1):
+            dzy2 = dz2 + (y - py) ** 2
+            for x in range(x0, x1 + 1):
+                d2 = dzy2 + (x - px) ** 2
+                if d2 < r2:
+                    if scatter:
+                        grid[z + c, y + c, x + c] += a * _kernel(d2, inv)
+                    else:
+                        acc += _kernel(d2, inv) * grid[z + c, y + c, x + c]
+    return acc
+
+
 @numba.njit(parallel=True, cache=True)
 def _analyse(volume, points, start, rho, out):  # pragma: no cover - compiled
     """``out[q] = <phi_q, volume>`` (the adjoint of :func:`_synthesize`)."""
-    n = volume.shape[0]
-    c = n // 2
     r2 = rho * rho
     inv = 1.0 / r2
     for q in numba.prange(start.size - 1):
         acc = 0.0
         for j in range(start[q], start[q + 1]):
-            px = points[j, 0]
-            py = points[j, 1]
-            pz = points[j, 2]
-            for z in range(int(np.ceil(pz - rho)), int(np.floor(pz + rho)) + 1):
-                iz = z + c
-                if iz < 0 or iz >= n:
-                    continue
-                dz2 = (z - pz) ** 2
-                for y in range(int(np.ceil(py - rho)), int(np.floor(py + rho)) + 1):
-                    iy = y + c
-                    if iy < 0 or iy >= n:
-                        continue
-                    dzy2 = dz2 + (y - py) ** 2
-                    for x in range(int(np.ceil(px - rho)), int(np.floor(px + rho)) + 1):
-                        ix = x + c
-                        if ix < 0 or ix >= n:
-                            continue
-                        d2 = dzy2 + (x - px) ** 2
-                        if d2 < r2:
-                            acc += _kernel(d2, inv) * volume[iz, iy, ix]
+            acc = _visit_point(volume, points[j, 0], points[j, 1], points[j, 2], rho, r2, inv, False, 0.0, acc)
         out[q] = acc
-
-
-@numba.njit(inline="always")
-def _splat_point(a, px, py, pz, rho, r2, inv, c, n, out):  # pragma: no cover - compiled
-    for z in range(int(np.ceil(pz - rho)), int(np.floor(pz + rho)) + 1):
-        iz = z + c
-        if iz < 0 or iz >= n:
-            continue
-        dz2 = (z - pz) ** 2
-        for y in range(int(np.ceil(py - rho)), int(np.floor(py + rho)) + 1):
-            iy = y + c
-            if iy < 0 or iy >= n:
-                continue
-            dzy2 = dz2 + (y - py) ** 2
-            for x in range(int(np.ceil(px - rho)), int(np.floor(px + rho)) + 1):
-                ix = x + c
-                if ix < 0 or ix >= n:
-                    continue
-                d2 = dzy2 + (x - px) ** 2
-                if d2 < r2:
-                    out[iz, iy, ix] += a * _kernel(d2, inv)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -201,8 +186,6 @@ def _synthesize(coeffs, points_z, owner_z, slab_start, rho, out):  # pragma: no 
     The points are sorted by z into slabs thicker than the kernel's diameter; even slabs, then odd
     slabs, are scattered in parallel, so no two threads ever write the same voxel.
     """
-    n = out.shape[0]
-    c = n // 2
     r2 = rho * rho
     inv = 1.0 / r2
     n_slabs = slab_start.size - 1
@@ -212,7 +195,7 @@ def _synthesize(coeffs, points_z, owner_z, slab_start, rho, out):  # pragma: no 
             for j in range(slab_start[s], slab_start[s + 1]):
                 a = coeffs[owner_z[j]]
                 if a != 0.0:
-                    _splat_point(a, points_z[j, 0], points_z[j, 1], points_z[j, 2], rho, r2, inv, c, n, out)
+                    _visit_point(out, points_z[j, 0], points_z[j, 1], points_z[j, 2], rho, r2, inv, True, a, 0.0)
 
 
 @numba.njit(parallel=True, cache=True)
