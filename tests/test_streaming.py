@@ -292,7 +292,9 @@ def test_memory_is_bounded_by_the_cache_and_the_queue(particles):
     for batch in batches:
         prep = loader.prepare(batch)
         time.sleep(0.01)  # a slow consumer: the reader fills its queue
-        alive = sum(isinstance(o, PreparedData) for o in gc.get_objects())
+        # type(), not isinstance(): the heap may hold weak proxies whose referents are gone, and
+        # isinstance() asks them for __class__ (ReferenceError)
+        alive = sum(type(o) is PreparedData for o in gc.get_objects())
         # the caller's batch, at most ``depth`` ahead (finished or being prepared), and one batch
         # being assembled from its freshly prepared rows
         most = max(most, alive)
