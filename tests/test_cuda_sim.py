@@ -19,6 +19,7 @@ import pytest
 
 from numba_recon import cuda as nc  # noqa: E402
 from numba_recon.cuda import _target, device_check, fourier, memory  # noqa: E402
+from numba_recon.cuda._target import cuda  # noqa: E402
 from numba_recon.geometry import euler_to_matrix, random_rotations  # noqa: E402
 
 pytestmark = [
@@ -477,3 +478,60 @@ def test_device_check_full_run_refuses_the_simulator(tmp_path, capsys):
     assert device_check.main(["--out", str(tmp_path / "r.json")]) == 2
     assert "needs a GPU" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# the simulator itself
+
+
+def test_threads_of_a_block_share_one_shared_array_even_when_allocation_is_slow(monkeypatch):
+    """``cuda.shared.array`` under the simulator: threads that ask at the same moment get the same
+    array (``_target`` makes the look-up and the store one step; without it, each thread that looks
+    before the first store gets its own array and never sees what the others write)."""
+    import threading
+    import time
+
+    from numba.cuda.simulator import kernelapi
+
+    real_empty = np.empty
+
+    def slow_empty(*args, **kwargs):
+        time.sleep(0.005)  # widen the window between the look-up and the store
+        return real_empty(*args, **kwargs)
+
+    shared = kernelapi.FakeCUDAShared(0)
+    start = threading.Barrier(8)
+    got = []
+
+    def allocate():
+        start.wait()
+        got.append(shared.array((4,), np.float32))  # one source line: one array for the block
+
+    monkeypatch.setattr(np, "empty", slow_empty)
+    threads = [threading.Thread(target=allocate) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and all(a is got[0] for a in got)
+    other_line = shared.array((4,), np.float32)
+    assert other_line is not got[0]  # another line, another array
+
+
+@_target.cuda.jit
+def _reverse_through_shared_memory(out):
+    # the simulator swaps in its fake module for globals named ``cuda`` only
+    first = cuda.shared.array(32, np.float32)
+    second = cuda.shared.array(32, np.float32)
+    t = cuda.threadIdx.x
+    first[t] = t
+    second[t] = -t
+    cuda.syncthreads()
+    out[cuda.blockIdx.x, t] = first[31 - t] + 10 * second[31 - t]
+
+
+def test_a_kernel_sees_what_other_threads_wrote_to_shared_memory():
+    out = np.zeros((3, 32), np.float32)
+    _reverse_through_shared_memory[3, 32](out)
+    expected = np.arange(31, -1, -1, dtype=np.float32) * -9
+    assert np.array_equal(out, np.broadcast_to(expected, out.shape))

@@ -8,6 +8,7 @@ simulator: the kernels then run on the CPU, one OS thread per CUDA thread.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from numba import cuda
@@ -19,10 +20,47 @@ SIMULATOR: bool = hasattr(cuda, "FakeCUDAKernel")
 #: The simulator runs one OS thread per CUDA thread, and its ``syncthreads`` is a barrier of them
 #: all: with Python's default 5 ms GIL switch interval every barrier waits for a round of switches.
 SIMULATOR_SWITCH_INTERVAL_S = 5e-4
-if SIMULATOR:
-    import sys
 
+
+def _allocate_shared_arrays_once_per_block() -> None:
+    """Make the simulator's ``cuda.shared.array`` give every thread of a block the same array.
+
+    The simulator keys a block's shared arrays by the calling source line and creates one on the
+    first call from that line, without a lock: two threads that both look before either stores
+    each get their own array, so what one thread writes another never sees (reads of never-written
+    memory; a kernel then fails or, worse, computes from garbage). The replacement does the
+    look-up and the store under one lock, with the caller's frame as the key (what the simulator
+    derives, far slower, from a whole stack trace).
+    """
+    import threading
+
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+
+    original = kernelapi.FakeCUDAShared.array
+    if getattr(original, "locked", False):
+        return
+    lock = threading.Lock()
+
+    def array(self: Any, shape: Any, dtype: Any, alignment: Any = None) -> Any:
+        if alignment is not None or shape == 0:  # refused, or the dynamic shared memory: unchanged
+            return original(self, shape, dtype, alignment)
+        dtype = kernelapi.numpy_support.as_dtype(dtype) if isinstance(dtype, kernelapi.types.Type) else dtype
+        frame = sys._getframe(1)
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with lock:
+            found = self._allocations.get(caller)
+            if found is None:
+                found = self._allocations[caller] = np.empty(shape, dtype)
+        return found
+
+    array.locked = True  # type: ignore[attr-defined]
+    kernelapi.FakeCUDAShared.array = array
+
+
+if SIMULATOR:
     sys.setswitchinterval(min(sys.getswitchinterval(), SIMULATOR_SWITCH_INTERVAL_S))
+    _allocate_shared_arrays_once_per_block()
 
 
 def is_available() -> bool:
