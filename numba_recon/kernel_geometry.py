@@ -16,9 +16,10 @@ Every helper is a small function registered with ``numba.extending.register_jita
   included) and LLVM inlines it (the one helper marked ``inline="always"`` is inlined in numba's
   IR instead: inlined by LLVM, it leaves its kernel slower);
 - CUDA kernels call ``cuda.jit(device=True, inline=True)(helper)``, made in the calling module
-  by :func:`device_functions` (numba-cuda compiles a called overload for the current GPU, so a
-  kernel calling the helper directly would not compile to PTX on a machine without one; an inlined
-  device function needs no GPU). Under the CUDA simulator the kernels call the Python functions;
+  by :func:`numba_recon.cuda._target.inline_device_functions` (numba-cuda compiles a called
+  overload for the current GPU, so a kernel calling the helper directly would not compile to PTX
+  on a machine without one; an inlined device function needs no GPU). Under the CUDA simulator
+  the kernels call the Python functions;
 - for that reason no helper calls another.
 
 Each helper fixes an operation order and keeps its caller's precision (float32 stays float32,
@@ -33,8 +34,6 @@ this module, delete the ``__pycache__`` folders of the calling packages.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from numba.extending import register_jitable
@@ -275,15 +274,3 @@ def clipped_span(p: float, reach: float, lo: int, hi: int) -> tuple[int, int]:
     """The integers within ``reach`` of ``p`` (``ceil(p - reach)`` to ``floor(p + reach)``), clipped
     to ``[lo, hi]``; empty when the first exceeds the second."""
     return max(lo, int(np.ceil(p - reach))), min(hi, int(np.floor(p + reach)))
-
-
-# --- use from CUDA modules -------------------------------------------------------------------
-
-
-def device_functions(jit_device: Callable[[Callable[..., Any]], Any] | None,
-                     *helpers: Callable[..., Any]) -> tuple[Any, ...]:
-    """``helpers`` as a CUDA module's kernels call them: each passed through ``jit_device`` (the
-    target's ``cuda.jit(device=True, inline=True)``), or the Python functions themselves when
-    ``jit_device`` is None (the CUDA simulator, where a device function costs microseconds a call).
-    Assign the results to module globals: kernels resolve the functions they call by global name."""
-    return helpers if jit_device is None else tuple(jit_device(h) for h in helpers)

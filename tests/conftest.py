@@ -160,7 +160,6 @@ def simulate(tmp_path_factory) -> Callable[..., Path]:
     return make
 
 
-
 @pytest.fixture(scope="session")
 def sim_box32(simulate) -> Path:
     """A simulated data set shared read-only by several modules: 1200 particles, box 32, 3 A/px,

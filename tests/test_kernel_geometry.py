@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from numba_recon import kernel_geometry as kg
-from numba_recon.cuda._target import SIMULATOR, cuda, is_available
+from numba_recon.cuda._target import SIMULATOR, cuda, inline_device_functions, is_available
 from numba_recon.geometry import random_rotations
 
 
@@ -136,10 +136,10 @@ def test_clipped_span():
     assert lo > hi
 
 
-def test_device_functions():
+@pytest.mark.skipif(not SIMULATOR, reason="about the simulator, where kernels call the Python functions")
+def test_the_simulator_calls_the_helpers_as_python_functions():
     helpers = (kg.lerp, kg.image_rows)
-    assert kg.device_functions(None, *helpers) == helpers
-    assert kg.device_functions(lambda f: ("jit", f), *helpers) == (("jit", kg.lerp), ("jit", kg.image_rows))
+    assert inline_device_functions(*helpers) == helpers
 
 
 # --- the same numbers compiled ---------------------------------------------------------------
@@ -182,10 +182,9 @@ def test_njit_calls_give_the_python_numbers(rng):
 
 @pytest.mark.skipif(not is_available(), reason="needs the CUDA simulator or a GPU")
 def test_a_cuda_kernel_gives_the_python_numbers(rng):
-    # the kernel calls the helpers as the CUDA twins do (kg.device_functions)
-    jit = None if SIMULATOR else cuda.jit(device=True, inline=True)
-    (stage, position, corner, weights, frequency, tri_corner, tri_weights, lerp) = kg.device_functions(
-        jit, kg.stage_rows, kg.image_position, kg.staged_corner, kg.bilinear_weights, kg.slice_frequency,
+    # the kernel calls the helpers as the CUDA twins do
+    (stage, position, corner, weights, frequency, tri_corner, tri_weights, lerp) = inline_device_functions(
+        kg.stage_rows, kg.image_position, kg.staged_corner, kg.bilinear_weights, kg.slice_frequency,
         kg.trilinear_corner, kg.trilinear_weights, kg.lerp)
 
     @cuda.jit

@@ -9,6 +9,7 @@ simulator: the kernels then run on the CPU, one OS thread per CUDA thread.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from numba import cuda
@@ -61,6 +62,17 @@ def _allocate_shared_arrays_once_per_block() -> None:
 if SIMULATOR:
     sys.setswitchinterval(min(sys.getswitchinterval(), SIMULATOR_SWITCH_INTERVAL_S))
     _allocate_shared_arrays_once_per_block()
+
+
+def inline_device_functions(*functions: Callable[..., Any]) -> tuple[Any, ...]:
+    """``functions`` as kernels call them: ``cuda.jit(device=True, inline=True)`` device functions on
+    a GPU (they compile to PTX without one, unlike a called ``register_jitable`` overload), the
+    Python functions themselves in the simulator (where a device-function call costs microseconds).
+    Assign the results to module globals: kernels resolve the functions they call by global name."""
+    if SIMULATOR:
+        return functions
+    jit = cuda.jit(device=True, inline=True)
+    return tuple(jit(f) for f in functions)
 
 
 def is_available() -> bool:

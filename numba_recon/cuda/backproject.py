@@ -22,7 +22,7 @@ import numpy as np
 from numba_recon import kernel_geometry as kg
 from numba_recon.contract import support_limit
 from numba_recon.cuda._checks import brick_depth, device_f32
-from numba_recon.cuda._target import SIMULATOR, cuda
+from numba_recon.cuda._target import cuda, inline_device_functions
 from numba_recon.cuda.memory import scratch
 
 #: Images whose rotations are staged in shared memory at a time.
@@ -33,11 +33,10 @@ DEFAULT_THREADS_PER_BLOCK = 256
 MAX_BLOCKS = 65535
 
 _F0 = np.float32(0.0)
-#: How the kernel calls device helpers: inlined on a GPU, as Python functions in the simulator.
-_JIT_DEVICE = None if SIMULATOR else cuda.jit(device=True, inline=True)
 # the shared geometry (numba_recon.kernel_geometry) as the kernel calls it
-(_brick_layout, _brick_centre, _brick_outside, _brick_voxel, _stage_rows, _staged_corner, _lerp) = kg.device_functions(
-    _JIT_DEVICE, kg.brick_layout, kg.brick_centre, kg.brick_outside, kg.brick_voxel, kg.stage_rows,
+(_brick_layout, _brick_centre, _brick_outside, _brick_voxel, _stage_rows, _staged_corner,
+ _lerp) = inline_device_functions(
+    kg.brick_layout, kg.brick_centre, kg.brick_outside, kg.brick_voxel, kg.stage_rows,
     kg.staged_corner, kg.lerp)
 
 
@@ -54,7 +53,7 @@ def _sample_row(images, p, x_in0, x_in1, fx):
     return _lerp(left, right, fx)
 
 
-(_sample_row,) = kg.device_functions(_JIT_DEVICE, _sample_row)
+(_sample_row,) = inline_device_functions(_sample_row)
 
 
 @cuda.jit(fastmath=True, cache=True)

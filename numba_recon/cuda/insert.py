@@ -17,7 +17,7 @@ import numpy as np
 
 from numba_recon import kernel_geometry as kg
 from numba_recon.cuda._checks import device_f32
-from numba_recon.cuda._target import SIMULATOR, cuda
+from numba_recon.cuda._target import cuda, inline_device_functions
 
 THREADS_PER_BLOCK = 256
 MAX_BLOCKS = 65535
@@ -26,8 +26,7 @@ _F1 = np.float32(1.0)
 
 # the shared geometry (numba_recon.kernel_geometry) as the kernel calls it
 (_image_rows, _signed_frequency, _slice_frequency, _trilinear_corner, _periodic_cell,
- _trilinear_weights) = kg.device_functions(
-    None if SIMULATOR else cuda.jit(device=True, inline=True),
+ _trilinear_weights) = inline_device_functions(
     kg.image_rows, kg.signed_frequency, kg.slice_frequency, kg.trilinear_corner, kg.periodic_cell,
     kg.trilinear_weights)
 

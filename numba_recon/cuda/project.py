@@ -57,7 +57,7 @@ import numpy as np
 from numba_recon import kernel_geometry as kg
 from numba_recon.contract import support_limit
 from numba_recon.cuda._checks import brick_depth, device_f32
-from numba_recon.cuda._target import SIMULATOR, cuda
+from numba_recon.cuda._target import SIMULATOR, cuda, inline_device_functions
 
 #: Images splatted per shared-memory pass (tiles of GROUP x TILE x TILE float32 = 16 KiB).
 GROUP = 16
@@ -96,8 +96,7 @@ _JIT_OPTIONS: dict[str, Any] = {} if SIMULATOR else {"launch_bounds": (512, 2)}
 
 # the shared geometry (numba_recon.kernel_geometry) as the kernel calls it
 (_brick_layout, _brick_centre, _brick_outside, _brick_voxel, _stage_rows, _image_position, _staged_corner,
- _bilinear_weights) = kg.device_functions(
-    None if SIMULATOR else cuda.jit(device=True, inline=True),
+ _bilinear_weights) = inline_device_functions(
     kg.brick_layout, kg.brick_centre, kg.brick_outside, kg.brick_voxel, kg.stage_rows, kg.image_position,
     kg.staged_corner, kg.bilinear_weights)
 
